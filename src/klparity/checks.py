@@ -1,0 +1,387 @@
+"""One parity check: run a framework API on a case and judge it against the oracle.
+
+A *cell* is (framework, API, case, dtype, device, layout). Running it calls the API once per
+reduction and yields one ``CheckResult`` per reduction, each judged twice:
+
+1. **semantics**: the framework against its API's documented formula evaluated exactly in float64
+   (``oracle.torch_kl_div`` / ``oracle.keras_kl_divergence``) on the values it saw, within the
+   derived tolerance; NaN and inf patterns, result shape and result dtype must match exactly;
+2. **meaning**: that formula against the exact KL divergence, reduced the same way. Where they
+   differ, the difference must be one of the documented ones in ``DIFFERENCES`` (its size is
+   recorded); Keras's clipping gap must stay within its derived bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from klparity import oracle
+from klparity.cases import Case
+from klparity.dtypes import dtype_info, round_to, widen
+from klparity.frameworks import Adapter, Api, Output
+from klparity.tolerances import Budget, budget
+
+F64 = NDArray[np.float64]
+
+#: Documented differences between an API's formula and the exact KL (name -> what and why).
+DIFFERENCES: Final[dict[str, str]] = {
+    "torch.masked_class_nan": "torch computes 0 * log_softmax = 0 * (-inf) = NaN on a class masked "
+    "with -inf in both teacher and student; the exact KL gives 0 for that class",
+    "torch.log_target_zero_target_nan": "with log_target=True torch computes exp(t) * (t - input) "
+    "= 0 * (-inf - x) = NaN where the log-target is -inf; the exact KL gives 0",
+    "keras.clip_epsilon": "Keras clips y_true and y_pred to [1e-7, 1] and does not renormalise: "
+    "every class with p or q below 1e-7 changes the value",
+    "keras.float16_ratio_overflow": "computing in float16 (keras.losses.kl_divergence on float16 "
+    "inputs, or dtype='float16'), y_true / y_pred overflows to inf once it exceeds 65504, which "
+    "clipping y_pred to 1e-7 makes easy: the loss is inf where the exact KL is finite",
+}
+
+TORCH_MEAN_WARNING: Final = "'mean' divides the total loss by both the batch size and the support size"
+
+
+@dataclass
+class CheckResult:
+    """The verdict on one reduction of one cell, JSON-serialisable via ``to_dict``."""
+
+    framework: str
+    api: str
+    reduction: str
+    dtype: str
+    device: str
+    layout: str
+    case: str
+    seed: int
+    ok: bool = True
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    tightness: float = 0.0  #: max over entries of |error| / tolerance
+    tolerance: float = 0.0  #: largest tolerance over entries
+    exact_gap: float = 0.0  #: |API formula - exact KL|, max over entries (a documented difference)
+    problems: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    def fail(self, message: str) -> None:
+        """Record a problem; the check fails."""
+        self.ok = False
+        self.problems.append(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with JSON-safe floats (inf/nan as strings)."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = str(v)
+        return d
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Float64 quantities derived from the rounded logits of one case."""
+
+    teacher: F64
+    student: F64
+    temperature: float
+    zt: F64
+    zs: F64
+    lp: F64
+    lq: F64
+    p: F64
+    q: F64
+    rows: F64  #: exact per-row KL
+
+    @classmethod
+    def of(cls, teacher: F64, student: F64, temperature: float) -> Exact:
+        with np.errstate(invalid="ignore"):
+            zt, zs = teacher / temperature, student / temperature
+        lp, lq = oracle.log_softmax(teacher, temperature), oracle.log_softmax(student, temperature)
+        return cls(
+            teacher, student, temperature, zt, zs, lp, lq, np.exp(lp), np.exp(lq),
+            oracle.kl_from_logits(teacher, student, temperature),
+        )  # fmt: skip
+
+
+def overflow_reason(teacher: F64, student: F64, temperature: float, dtype: str) -> str | None:
+    """Why a case is meaningless in ``dtype`` (logits / T or their spread overflow), else None."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        both = np.concatenate([teacher.ravel(), student.ravel()]) / temperature
+    finite = both[np.isfinite(both)]
+    biggest = float(np.max(np.abs(finite))) if finite.size else 0.0
+    if 2.0 * biggest >= dtype_info(dtype).max:
+        return f"|logits / T| up to {biggest:.3g} overflows {dtype} (max {dtype_info(dtype).max:.3g})"
+    return None
+
+
+# ---------------------------------------------------------------------------------- comparison
+
+
+def _index(mask: NDArray[np.bool_]) -> str:
+    idx = np.argwhere(mask)
+    return str(tuple(int(i) for i in idx[0])) if idx.size else "()"
+
+
+def compare(res: CheckResult, obs: F64, ref: F64, tol: F64 | float) -> None:
+    """Judge ``obs`` against ``ref`` entrywise: NaN/inf patterns exactly, finite values within ``tol``."""
+    obs, ref = np.asarray(obs, np.float64), np.asarray(ref, np.float64)
+    tol_a = np.broadcast_to(np.asarray(tol, np.float64), ref.shape)
+    if obs.shape != ref.shape:
+        res.fail(f"result shape {obs.shape}, expected {ref.shape}")
+        return
+    nan_o, nan_r = np.isnan(obs), np.isnan(ref)
+    if (nan_o & ~nan_r).any():
+        i = nan_o & ~nan_r
+        res.fail(f"NaN where the reference is finite at {int(i.sum())} of {i.size} entries, first "
+                 f"at {_index(i)} (reference {ref[tuple(np.argwhere(i)[0])]:.17g})")  # fmt: skip
+    if (nan_r & ~nan_o).any():
+        i = nan_r & ~nan_o
+        res.fail(f"value where the reference is NaN at {int(i.sum())} of {i.size} entries, first "
+                 f"at {_index(i)} (got {obs[tuple(np.argwhere(i)[0])]:.17g}): NaN must propagate")  # fmt: skip
+    inf_r = np.isinf(ref)
+    if (inf_r & (obs != ref)).any():
+        i = inf_r & (obs != ref)
+        res.fail(f"reference is {ref[tuple(np.argwhere(i)[0])]} at {_index(i)}, got "
+                 f"{obs[tuple(np.argwhere(i)[0])]:.17g}")  # fmt: skip
+    fin = np.isfinite(ref) & ~nan_o
+    if not fin.any():
+        return
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        err = np.abs(obs[fin] - ref[fin])
+        t = tol_a[fin]
+        nz = ref[fin] != 0  # relative error is undefined where the reference is exactly 0
+        rel = err[nz] / np.abs(ref[fin][nz])
+        ratio = np.where(t > 0, err / t, np.where(err == 0, 0.0, np.inf))
+    res.max_abs = max(res.max_abs, float(np.max(err)))
+    res.max_rel = max(res.max_rel, float(np.max(rel)) if rel.size else 0.0)
+    res.tightness = max(res.tightness, float(np.max(ratio)))
+    res.tolerance = max(res.tolerance, float(np.max(t)))
+    bad = ratio > 1.0
+    if bad.any():
+        k = int(np.argmax(ratio))
+        where = tuple(int(v) for v in np.argwhere(fin)[k]) if ref.ndim else ()
+        res.fail(f"error {float(err[k]):.3g} exceeds tolerance {float(t[k]):.3g} "
+                 f"({float(ratio[k]):.3g}x) at {where}: got {float(obs[fin][k]):.17g}, "
+                 f"reference {float(ref[fin][k]):.17g}, {int(bad.sum())} of {bad.size} entries off")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- API semantics
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What one reduction of an API must return, how close, and what the exact KL says."""
+
+    value: F64
+    tolerance: F64 | float
+    exact: F64
+    gap_bound: F64 | float | None  #: derived bound on |value - exact|, or None (must be equal)
+    dtype: str
+    must_warn: str | None
+
+
+def _torch_expectations(api: Api, ex: Exact, bud: Budget, dtype: str) -> dict[str, Expectation]:
+    log_target = bool(api.option("log_target", False))
+    target = ex.lp if log_target else ex.p
+    pointwise = oracle.torch_pointwise(ex.lq, target, log_target=log_target)
+    with np.errstate(invalid="ignore"):
+        exact_pointwise = np.where(ex.p == 0, 0.0, ex.p * (ex.lp - ex.lq))
+    exact_pointwise = np.where(np.isnan(ex.rows)[..., None], np.nan, exact_pointwise)
+    out = {}
+    for red in api.reductions:
+        r = "mean" if red == "default" else red
+        if r == "none":
+            tol: F64 | float = bud.elementwise()
+        else:
+            tol = bud.total() / {"sum": 1, "mean": pointwise.size, "batchmean": pointwise.shape[0]}[r]
+        total = float(np.sum(ex.rows))
+        divisor = {"none": 1, "sum": 1, "mean": pointwise.size, "batchmean": pointwise.shape[0]}[r]
+        out[red] = Expectation(
+            value=oracle.torch_reduce(pointwise, r),
+            tolerance=tol,
+            exact=np.asarray(exact_pointwise) if r == "none" else np.asarray(total / divisor),
+            gap_bound=None,
+            dtype=dtype,
+            must_warn=TORCH_MEAN_WARNING if r == "mean" else None,
+        )
+    return out
+
+
+def _keras_expectations(
+    api: Api, ex: Exact, dtype: str, compute: str, framework: str
+) -> tuple[dict[str, Expectation], Budget]:
+    eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+    cmax = dtype_info(compute).max
+    pt, qt = np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0)
+    bud = budget(framework=framework, input_dtype=dtype, compute_dtype=compute, p=pt, q=qt,
+                 zt=ex.zt, zs=ex.zs, student_is_probability=True)  # fmt: skip
+    gap_rows = oracle.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)
+    with np.errstate(invalid="ignore"):
+        overflow = np.any(pt / qt > cmax, axis=-1)
+    gap_rows = np.where(overflow, np.inf, gap_rows)
+    out = {}
+    for red in api.reductions:
+        r = "sum_over_batch_size" if red == "default" else red
+        nrows = max(ex.rows.size, 1)
+        tol_rows = bud.rows()
+        if r == "none" or ex.rows.ndim == 0:
+            tol: F64 | float = tol_rows
+            gap: F64 | float = gap_rows
+        else:
+            div = 1 if r == "sum" else nrows
+            tol, gap = float(bud.total()) / div, float(np.sum(gap_rows)) / div
+        out[red] = Expectation(
+            value=oracle.keras_kl_divergence(ex.p, ex.q, reduction=r, epsilon=eps, compute_max=cmax),
+            tolerance=tol,
+            exact=oracle.keras_reduce(ex.rows, r),
+            gap_bound=gap,
+            dtype=compute,
+            must_warn=None,
+        )
+    return out, bud
+
+
+def _differences(api: Api, ex: Exact, compute: str) -> list[str]:
+    """Documented differences whose condition holds for this case and API."""
+    found = []
+    if api.semantics == "keras" and compute == "float16":
+        eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+        with np.errstate(invalid="ignore"):
+            ratio = np.clip(ex.p, eps, 1.0) / np.clip(ex.q, eps, 1.0)
+        if np.any(ratio > dtype_info(compute).max):
+            found.append("keras.float16_ratio_overflow")
+    if api.semantics == "torch":
+        if np.any((ex.lp == -np.inf) & (ex.lq == -np.inf)):
+            found.append("torch.masked_class_nan")
+        if api.option("log_target") and np.any(ex.lp == -np.inf):
+            found.append("torch.log_target_zero_target_nan")
+    elif np.any((ex.p < oracle.KERAS_EPSILON) | (ex.q < oracle.KERAS_EPSILON)):
+        found.append("keras.clip_epsilon")
+    return found
+
+
+def _judge_meaning(res: CheckResult, exp: Expectation, known: list[str]) -> None:
+    value, exact = np.asarray(exp.value), np.asarray(exp.exact)
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(value - exact)
+    same_nan = np.isnan(value) == np.isnan(exact)
+    both_inf_equal = np.isinf(exact) & (value == exact)
+    tol = np.broadcast_to(np.asarray(exp.tolerance, np.float64), exact.shape)
+    close = same_nan & (np.isnan(exact) | both_inf_equal | (gap <= tol))
+    if bool(np.all(close)):
+        return
+    finite_gap = gap[np.isfinite(gap)]
+    res.exact_gap = float(np.max(finite_gap)) if finite_gap.size else math.inf
+    if not known:
+        res.fail(f"the API formula differs from the exact KL (gap {res.exact_gap:.3g}) with no "
+                 "documented difference to explain it: an oracle bug or an undocumented quirk")  # fmt: skip
+        return
+    res.differences = [f"{name}: {DIFFERENCES[name]} (gap here {res.exact_gap:.3g})" for name in known]
+    if exp.gap_bound is not None:
+        bound = np.broadcast_to(np.asarray(exp.gap_bound, np.float64), exact.shape)
+        with np.errstate(invalid="ignore"):
+            over = same_nan & np.isfinite(exact) & (gap > bound + tol)
+        if over.any():
+            res.fail(f"gap to the exact KL {float(np.max(gap[over])):.3g} exceeds the derived "
+                     f"clipping bound {float(np.max(bound[over])):.3g}")  # fmt: skip
+
+
+def _alternatives(obs: F64, exp: Expectation, shape: tuple[int, ...]) -> str:
+    """On a scalar mismatch, name the divisor that would explain the observed value."""
+    if np.ndim(obs) or not np.isfinite(obs) or np.ndim(exp.value) or not exp.value:
+        return ""
+    ratio = float(obs / exp.value)
+    names = {
+        "B (rows of axis 0)": shape[0], "B*S (all rows)": math.prod(shape[:-1]) or 1,
+        "C (classes)": shape[-1], "numel": math.prod(shape),
+    }  # fmt: skip
+    for name, n in names.items():
+        for factor, word in ((n, "multiplied"), (1.0 / n, "divided")):
+            if n > 1 and abs(ratio / factor - 1.0) < 1e-2:
+                return f"; the observed value is the expected one {word} by {name} = {n}"
+    return f"; observed / expected = {ratio:.6g}"
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A (framework, API, case, dtype, device, layout) combination: one pytest item."""
+
+    framework: str
+    api: Api
+    case: Case
+    dtype: str
+    device: str
+    layout: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.api.id}-{self.dtype}-{self.device}-{self.layout}-{self.case.id}"
+
+
+def repro(cell: Cell, shift: int) -> str:
+    """One-line command reproducing a cell outside pytest."""
+    return (
+        f"klparity run-cell --framework {cell.framework} --api '{cell.api.id}' --case "
+        f"{cell.case.id} --dtype {cell.dtype} --device {cell.device} --layout {cell.layout} "
+        f"--seed {shift}"
+    )
+
+
+def run_cell(adapter: Adapter, cell: Cell, shift: int = 0,
+             call: Callable[..., dict[str, Output]] | None = None) -> list[CheckResult]:  # fmt: skip
+    """Run one cell and judge every reduction. ``call`` replaces ``adapter.run`` (for tests)."""
+    case, dtype = cell.case, cell.dtype
+    t64, s64 = case.logits(shift)
+    t_r, s_r = round_to(t64, dtype), round_to(s64, dtype)
+    ex = Exact.of(widen(t_r), widen(s_r), case.temperature)
+    compute = adapter.compute_dtype(cell.api, dtype)
+    if cell.api.semantics == "torch":
+        bud = budget(framework=cell.framework, input_dtype=dtype, compute_dtype=compute, p=ex.p,
+                     q=ex.q, zt=ex.zt, zs=ex.zs, student_is_probability=False, log_p=ex.lp,
+                     log_q=ex.lq)  # fmt: skip
+        expected = _torch_expectations(cell.api, ex, bud, compute)
+    else:
+        expected, bud = _keras_expectations(cell.api, ex, dtype, compute, cell.framework)
+    outputs = (call or adapter.run)(cell.api, t_r, s_r, case.temperature, cell.device, cell.layout)
+    known = _differences(cell.api, ex, compute)
+    results = []
+    for red, exp in expected.items():
+        res = CheckResult(cell.framework, cell.api.id, red, dtype, cell.device, cell.layout,
+                          case.id, case.seed(shift), reason=bud.reason)  # fmt: skip
+        out = outputs[red]
+        compare(res, out.value, exp.value, exp.tolerance)
+        if not res.ok:
+            res.problems[-1] += _alternatives(out.value, exp, case.shape)
+        if out.dtype != exp.dtype:
+            res.fail(f"result dtype {out.dtype}, expected {exp.dtype}"
+                     + (" (computed through a lower precision?)" if exp.dtype == "float64" else ""))  # fmt: skip
+        warned = any(exp.must_warn in w for w in out.warnings) if exp.must_warn else False
+        if exp.must_warn and not warned:
+            res.fail(f"expected torch's UserWarning containing {exp.must_warn!r}; none was raised "
+                     "(has 'mean' changed meaning?)")  # fmt: skip
+        if not exp.must_warn and out.warnings:
+            res.fail(f"unexpected warning: {out.warnings[0]}")
+        _judge_meaning(res, exp, known)
+        results.append(res)
+    return results
+
+
+def failure_message(cell: Cell, shift: int, results: list[CheckResult]) -> str:
+    """A message that stands alone: what, where, how far off, the tolerance's reason, a repro."""
+    bad = [r for r in results if not r.ok]
+    lines = [f"{cell.api.id} on {cell.case.id} (seed {cell.case.seed(shift)}), {cell.dtype}, "
+             f"{cell.device}, {cell.layout}: {len(bad)} of {len(results)} reductions failed"]  # fmt: skip
+    for r in bad:
+        lines.append(f"  reduction={r.reduction}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, "
+                     f"tolerance {r.tolerance:.3g}")  # fmt: skip
+        lines += [f"    - {p}" for p in r.problems]
+    lines.append(f"  tolerance: {bad[0].reason if bad else ''}")
+    lines.append(f"  repro: {repro(cell, shift)}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The floating dtypes the suite tests: their constants, and rounding float64 values to them.
+
+bfloat16 comes from ``ml_dtypes`` (the package JAX and TensorFlow themselves use for it), so the
+rounding the oracle applies is bit-identical to what the frameworks store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import ml_dtypes
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class DTypeInfo:
+    """Constants of one floating dtype, all as Python floats."""
+
+    name: str
+    unit_roundoff: float  #: u = eps / 2, the relative error of one correctly rounded operation
+    smallest_subnormal: float  #: spacing of the dtype near 0
+    smallest_normal: float  #: below it, relative error bounds no longer hold
+    max: float  #: largest finite value
+
+    @property
+    def numpy(self) -> np.dtype[np.generic]:
+        """The NumPy (or ml_dtypes) dtype object."""
+        return np.dtype(ml_dtypes.bfloat16) if self.name == "bfloat16" else np.dtype(self.name)
+
+
+def _info(name: str) -> DTypeInfo:
+    fi = ml_dtypes.finfo(ml_dtypes.bfloat16) if name == "bfloat16" else np.finfo(np.dtype(name))
+    return DTypeInfo(
+        name=name,
+        unit_roundoff=float(fi.eps) / 2.0,
+        smallest_subnormal=float(fi.smallest_subnormal),
+        smallest_normal=float(fi.smallest_normal),
+        max=float(fi.max),
+    )
+
+
+#: The tested dtypes, lowest precision first.
+DTYPE_NAMES: Final = ("float16", "bfloat16", "float32", "float64")
+DTYPES: Final[dict[str, DTypeInfo]] = {name: _info(name) for name in DTYPE_NAMES}
+
+
+def dtype_info(name: str) -> DTypeInfo:
+    """Look up a tested dtype by name, with a clear error for anything else."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {DTYPE_NAMES}") from None
+
+
+def round_to(x: NDArray[np.float64], dtype: str) -> NDArray[np.generic]:
+    """Round float64 values to ``dtype`` (round-to-nearest-even), returning that dtype's array."""
+    return np.asarray(x, dtype=np.float64).astype(dtype_info(dtype).numpy)
+
+
+def widen(x: NDArray[np.generic]) -> NDArray[np.float64]:
+    """Widen an array of any tested dtype to float64 exactly."""
+    return np.asarray(x).astype(np.float64)

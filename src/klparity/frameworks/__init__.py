@@ -1,0 +1,23 @@
+"""Registry of framework adapters. Adding a framework: one adapter module and one line here."""
+
+from __future__ import annotations
+
+from klparity.frameworks.base import DEVICES, LAYOUTS, Adapter, Api, Output, cap_native_threads
+from klparity.frameworks.keras_adapter import KerasAdapter
+from klparity.frameworks.torch_adapter import TorchAdapter
+
+REGISTRY: dict[str, Adapter] = {
+    "torch": TorchAdapter(),
+    "tensorflow": KerasAdapter(),
+}
+
+
+def get(name: str) -> Adapter:
+    """Adapter by registry name, with a clear error listing the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown framework {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+__all__ = ["DEVICES", "LAYOUTS", "REGISTRY", "Adapter", "Api", "Output", "cap_native_threads", "get"]

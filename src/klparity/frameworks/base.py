@@ -1,0 +1,134 @@
+"""The adapter contract every framework implements, and the process-wide runtime settings.
+
+An adapter is one small class per framework. It must import its framework lazily (only inside its
+methods), so that listing, collecting and skipping cost nothing when the framework is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+F64 = NDArray[np.float64]
+Semantics = Literal["torch", "keras"]
+DEVICES = ("cpu", "gpu")
+LAYOUTS = ("contiguous", "transposed", "strided")
+
+
+@dataclass(frozen=True)
+class Api:
+    """One way of calling a KL loss: entry point plus fixed options, checked under several reductions.
+
+    ``reductions`` holds the reduction labels the adapter evaluates per call (``"default"`` means the
+    constructor/function default, whatever it is: the oracle pins what it must be).
+    """
+
+    framework: str
+    entry: str  #: e.g. ``torch.nn.KLDivLoss``
+    semantics: Semantics
+    reductions: tuple[str, ...]
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def id(self) -> str:
+        """Stable printable id, e.g. ``torch.nn.functional.kl_div(log_target=True)``."""
+        return f"{self.entry}({', '.join(f'{k}={v}' for k, v in self.options)})"
+
+    def option(self, key: str, default: object = None) -> object:
+        """Value of a fixed option, or ``default``."""
+        return dict(self.options).get(key, default)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One framework result, widened to float64, with the dtype it came back in."""
+
+    value: F64
+    dtype: str
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass
+class RuntimeSettings:
+    """Per-process settings applied when a framework is first imported (set before that import)."""
+
+    threads: int | None = None  #: intra-op thread cap; None leaves the framework's default
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+RUNTIME = RuntimeSettings()
+
+
+def cap_native_threads(threads: int) -> None:
+    """Cap BLAS / OpenMP pools through the environment; only effective before those libraries load."""
+    RUNTIME.threads = threads
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ[var] = str(threads)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+
+class Adapter(ABC):
+    """Contract: run a KL API on given logits exactly as a distillation user would, on one device.
+
+    ``run`` receives teacher and student logits already rounded to ``dtype`` (as NumPy arrays of that
+    dtype), converts them exactly, applies the temperature and (log-)softmax *in the framework*, hands
+    the result to the API in the requested memory layout, and returns every reduction's output
+    widened to float64 together with the dtype it came back in and any warnings it raised.
+    """
+
+    name: ClassVar[str]  #: registry key
+    module: ClassVar[str]  #: importable module whose presence means "installed"
+    distribution: ClassVar[str]  #: distribution whose version is reported
+    extra: ClassVar[str]  #: ``pip install klparity[extra]`` installs it
+    dtypes: ClassVar[tuple[str, ...]]
+    layouts: ClassVar[tuple[str, ...]] = ("contiguous",)
+
+    def available(self) -> bool:
+        """Installed? Checked without importing the framework."""
+        return importlib.util.find_spec(self.module) is not None
+
+    def version(self) -> str:
+        """Installed version, or ``'not installed'``."""
+        try:
+            return importlib.metadata.version(self.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    def missing_reason(self) -> str:
+        """Skip reason when the framework is absent, naming the extra to install."""
+        return f"{self.name} is not installed: pip install 'klparity[{self.extra}]'"
+
+    @abstractmethod
+    def devices(self) -> tuple[str, ...]:
+        """Devices usable now, a subset of ``DEVICES`` (imports the framework)."""
+
+    @abstractmethod
+    def device_names(self) -> dict[str, str]:
+        """Human-readable name per usable device, for report headers."""
+
+    @abstractmethod
+    def apis(self, dtype: str) -> tuple[Api, ...]:
+        """API variants checked for inputs of ``dtype``."""
+
+    @abstractmethod
+    def compute_dtype(self, api: Api, dtype: str) -> str:
+        """Dtype the API computes (and returns) in for inputs of ``dtype``."""
+
+    @abstractmethod
+    def run(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, Output]:
+        """Evaluate every reduction of ``api``; see the class docstring."""

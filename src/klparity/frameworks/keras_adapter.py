@@ -1,0 +1,119 @@
+"""TensorFlow/Keras adapter: ``tf.keras.losses.KLDivergence`` and ``keras.losses.kl_divergence``.
+
+Both arguments are probabilities, ``y_true = softmax(t / T)`` and ``y_pred = softmax(s / T)``,
+computed by ``tf.nn.softmax`` in the tested dtype. ``KLDivergence`` converts them to its ``dtype``
+(``keras.config.floatx()`` = float32 unless given); the function computes in ``y_pred``'s dtype.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from klparity.frameworks.base import RUNTIME, Adapter, Api, Output
+
+REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight", "default")
+LOSS_CLASS = "keras.losses.KLDivergence"
+LOSS_FUNCTION = "keras.losses.kl_divergence"
+
+
+class KerasAdapter(Adapter):
+    """Keras 3 on TensorFlow: the loss class with every reduction and ``dtype=``, and the function."""
+
+    name = "tensorflow"
+    module = "tensorflow"
+    distribution = "tensorflow-cpu"
+    extra = "tensorflow"
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    _mod: ModuleType | None = None
+
+    def version(self) -> str:
+        v = super().version()
+        if v == "not installed":  # the GPU build has another distribution name
+            import importlib.metadata
+
+            try:
+                return importlib.metadata.version("tensorflow")
+            except importlib.metadata.PackageNotFoundError:
+                return v
+        return v
+
+    def _tf(self) -> ModuleType:
+        if KerasAdapter._mod is None:
+            import tensorflow as tf
+
+            # Both must happen before TensorFlow's runtime starts (its first op).
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+            if RUNTIME.threads is not None:
+                tf.config.threading.set_intra_op_parallelism_threads(RUNTIME.threads)
+                tf.config.threading.set_inter_op_parallelism_threads(1)
+            KerasAdapter._mod = tf
+        return KerasAdapter._mod
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu", "gpu") if self._tf().config.list_physical_devices("GPU") else ("cpu",)
+
+    def device_names(self) -> dict[str, str]:
+        tf = self._tf()
+        names = {"cpu": "cpu"}
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus:
+            names["gpu"] = gpus[0].name
+        return names
+
+    def keras_version(self) -> str:
+        """Version of Keras as TensorFlow sees it (``tf.keras``)."""
+        return str(self._tf().keras.__version__)
+
+    def apis(self, dtype: str) -> tuple[Api, ...]:
+        apis = [
+            Api(self.name, LOSS_CLASS, "keras", REDUCTIONS),
+            Api(self.name, LOSS_FUNCTION, "keras", ("none",)),
+        ]
+        if dtype == "float64":  # the only way to get a float64 result from the loss class
+            apis.append(Api(self.name, LOSS_CLASS, "keras", REDUCTIONS, (("dtype", "float64"),)))
+        return tuple(apis)
+
+    def compute_dtype(self, api: Api, dtype: str) -> str:
+        if api.entry == LOSS_FUNCTION:
+            return dtype
+        return str(api.option("dtype") or "float32")  # keras.config.floatx() default
+
+    def run(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, Output]:
+        if layout != "contiguous":
+            raise ValueError("TensorFlow tensors have no user-visible memory layout")
+        tf = self._tf()
+        import keras  # the same Keras 3 that tf.keras names; it alone exports the function
+
+        dtype = str(teacher.dtype)
+        with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
+            t = tf.cast(tf.constant(teacher.astype(np.float64)), dtype)
+            s = tf.cast(tf.constant(student.astype(np.float64)), dtype)
+            y_true = tf.nn.softmax(t / temperature, axis=-1)
+            y_pred = tf.nn.softmax(s / temperature, axis=-1)
+            out: dict[str, Output] = {}
+            for red in api.reductions:
+                if api.entry == LOSS_FUNCTION:
+                    res = keras.losses.kl_divergence(y_true, y_pred)
+                else:
+                    kwargs: dict[str, Any] = dict(api.options)
+                    if red != "default":
+                        kwargs["reduction"] = red
+                    res = keras.losses.KLDivergence(**kwargs)(y_true, y_pred)
+                out[red] = Output(
+                    value=np.asarray(res.numpy()).astype(np.float64),
+                    dtype=res.dtype.name,
+                )
+        return out

@@ -1,0 +1,119 @@
+"""PyTorch adapter: ``torch.nn.KLDivLoss`` and ``torch.nn.functional.kl_div``.
+
+The student goes in as ``log_softmax(s / T)``, the target as ``softmax(t / T)`` (or
+``log_softmax(t / T)`` with ``log_target=True``), all computed by torch in the tested dtype.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from klparity.frameworks.base import RUNTIME, Adapter, Api, Output
+
+REDUCTIONS = ("none", "sum", "mean", "batchmean", "default")
+ENTRIES = ("torch.nn.KLDivLoss", "torch.nn.functional.kl_div")
+
+
+def relayout(x: Any, layout: str) -> Any:
+    """Same values as ``x`` in a non-contiguous memory layout (or ``x`` itself for contiguous)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "transposed":  # class axis outermost in memory; a permuted view of it
+        out = x.movedim(-1, 0).contiguous().movedim(0, -1)
+    elif layout == "strided":  # every other element of a buffer twice as wide
+        buf = x.new_full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"))
+        buf[..., ::2] = x
+        out = buf[..., ::2]
+    else:
+        raise ValueError(f"unknown layout {layout!r}")
+    if out.is_contiguous():
+        raise ValueError(f"layout {layout!r} does not apply to shape {tuple(x.shape)}")
+    return out
+
+
+class TorchAdapter(Adapter):
+    """``torch.nn.KLDivLoss`` / ``F.kl_div``: every reduction, ``log_target`` both ways."""
+
+    name = "torch"
+    module = "torch"
+    distribution = "torch"
+    extra = "torch"
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    layouts = ("contiguous", "transposed", "strided")
+    _mod: ModuleType | None = None
+
+    def _torch(self) -> ModuleType:
+        if TorchAdapter._mod is None:
+            import torch
+
+            if RUNTIME.threads is not None:
+                torch.set_num_threads(RUNTIME.threads)
+                try:
+                    torch.set_num_interop_threads(1)
+                except RuntimeError:  # already started: only settable once per process
+                    pass
+            TorchAdapter._mod = torch
+        return TorchAdapter._mod
+
+    def devices(self) -> tuple[str, ...]:
+        return ("cpu", "gpu") if self._torch().cuda.is_available() else ("cpu",)
+
+    def device_names(self) -> dict[str, str]:
+        torch = self._torch()
+        names = {"cpu": f"cpu ({torch.get_num_threads()} threads)"}
+        if torch.cuda.is_available():
+            names["gpu"] = f"cuda:0 {torch.cuda.get_device_name(0)}"
+        return names
+
+    def apis(self, dtype: str) -> tuple[Api, ...]:
+        return tuple(
+            Api("torch", entry, "torch", REDUCTIONS, (("log_target", lt),))
+            for entry in ENTRIES
+            for lt in (False, True)
+        )
+
+    def compute_dtype(self, api: Api, dtype: str) -> str:
+        return dtype
+
+    def run(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, Output]:
+        torch = self._torch()
+        fn = torch.nn.functional
+        dev = "cuda" if device == "gpu" else "cpu"
+        tdtype = getattr(torch, str(teacher.dtype))
+        # float64 -> dtype is exact: the values are already representable in dtype.
+        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype)
+        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype)
+        log_target = bool(api.option("log_target", False))
+        inp = relayout(fn.log_softmax(s / temperature, dim=-1), layout)
+        tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
+        tgt = relayout(tgt, layout)
+        out: dict[str, Output] = {}
+        for red in api.reductions:
+            kwargs: dict[str, Any] = {"log_target": log_target}
+            if red != "default":
+                kwargs["reduction"] = red
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if api.entry == "torch.nn.KLDivLoss":
+                    res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
+                else:
+                    res = fn.kl_div(inp, tgt, **kwargs)
+            out[red] = Output(
+                value=res.detach().to("cpu", torch.float64).numpy(),
+                dtype=str(res.dtype).removeprefix("torch."),
+                warnings=tuple(str(w.message) for w in caught),
+            )
+        return out

@@ -1,0 +1,83 @@
+"""The test matrix: which (framework, API, case, dtype, device, layout) cells a tier contains.
+
+Built from names only (no framework import, no random values), so the same list of ids comes out
+in every process, whatever ``PYTHONHASHSEED`` is. Whether a cell can run (framework installed,
+device present, dtype range large enough) is decided when it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from klparity.cases import Case, cases
+from klparity.checks import Cell, overflow_reason
+from klparity.dtypes import DTYPE_NAMES, round_to, widen
+from klparity.frameworks import DEVICES, REGISTRY, Adapter
+
+#: Non-contiguous layouts run for these dtypes in the quick tier (all dtypes in the full tier).
+QUICK_LAYOUT_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the user asked for (pytest options or CLI flags)."""
+
+    frameworks: tuple[str, ...] = tuple(REGISTRY)
+    dtypes: tuple[str, ...] = DTYPE_NAMES
+    devices: tuple[str, ...] = DEVICES
+    tier: str = "quick"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, given, known in (
+            ("framework", self.frameworks, tuple(REGISTRY)),
+            ("dtype", self.dtypes, DTYPE_NAMES),
+            ("device", self.devices, DEVICES),
+        ):
+            unknown = [g for g in given if g not in known]
+            if unknown:
+                raise ValueError(f"unknown {name} {unknown[0]!r}; expected some of {', '.join(known)}")
+
+
+def split_list(text: str | None, default: Iterable[str]) -> tuple[str, ...]:
+    """Parse a comma-separated option value; empty or None means ``default``."""
+    if not text:
+        return tuple(default)
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _layouts(adapter: Adapter, case: Case, dtype: str, tier: str) -> tuple[str, ...]:
+    out = ["contiguous"]
+    if tier == "full" or dtype in QUICK_LAYOUT_DTYPES:
+        if "strided" in adapter.layouts:
+            out.append("strided")
+        if "transposed" in adapter.layouts and len(case.shape) >= 2:
+            out.append("transposed")
+    return tuple(out)
+
+
+def cells(sel: Selection) -> list[Cell]:
+    """Every cell of the selection, in a stable order."""
+    out = []
+    for fw in sel.frameworks:
+        adapter = REGISTRY[fw]
+        for dtype in (d for d in sel.dtypes if d in adapter.dtypes):
+            for api in adapter.apis(dtype):
+                for case in cases(sel.tier):
+                    for device in sel.devices:
+                        for layout in _layouts(adapter, case, dtype, sel.tier):
+                            out.append(Cell(fw, api, case, dtype, device, layout))
+    return out
+
+
+def skip_reason(cell: Cell, shift: int) -> str | None:
+    """Why a cell cannot run here and now (framework missing, no device, dtype overflow), or None."""
+    adapter = REGISTRY[cell.framework]
+    if not adapter.available():
+        return adapter.missing_reason()
+    if cell.device not in adapter.devices():
+        return f"no {cell.device} device visible to {cell.framework}"
+    t, s = cell.case.logits(shift)
+    return overflow_reason(widen(round_to(t, cell.dtype)), widen(round_to(s, cell.dtype)),
+                           cell.case.temperature, cell.dtype)  # fmt: skip

@@ -1,0 +1,304 @@
+"""Exact float64 reference values for KL divergence, and each framework API's documented formula.
+
+This module imports NumPy only. Every function widens its inputs to float64 *as given*: callers pass
+the values a framework actually saw (logits already rounded to the tested dtype), never the decimal
+originals. Two kinds of reference live here:
+
+* the exact KL divergence, ``kl_from_logits`` / ``kl_from_log_probs`` / ``kl_from_probs``, per row
+  over the last axis, with the semantics a mathematician expects (zero-probability teacher classes
+  contribute 0, a class masked with ``-inf`` on both sides contributes 0, teacher mass where the
+  student is ``-inf`` gives ``+inf``, NaN anywhere in a row gives NaN for that row);
+* the formula each API documents, evaluated exactly in float64 (``torch_kl_div``,
+  ``keras_kl_divergence``), quirks included (torch's ``0 * -inf = NaN`` on masked classes, Keras's
+  clipping to ``[epsilon, 1]``), with each API's reductions and their exact 1-D / 3-D meaning.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final, Literal
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+F64 = NDArray[np.float64]
+
+#: Keras's documented default fuzz factor (``keras.config.epsilon()``). Pinned here on purpose: the
+#: suite must notice when a Keras release changes it, so it is not read from Keras at run time.
+KERAS_EPSILON: Final = 1e-7
+
+TorchReduction = Literal["none", "sum", "mean", "batchmean"]
+KerasReduction = Literal["none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"]
+TORCH_REDUCTIONS: Final[tuple[str, ...]] = ("none", "sum", "mean", "batchmean")
+KERAS_REDUCTIONS: Final[tuple[str, ...]] = (
+    "none",
+    "sum",
+    "sum_over_batch_size",
+    "mean",
+    "mean_with_sample_weight",
+)
+
+# Floating dtypes NumPy does not know natively but ml_dtypes adds (the dtype names frameworks use).
+_EXTRA_FLOAT_NAMES: Final = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
+
+# psi(d) = d*e^d - expm1(d) = sum_{n>=2} (n-1) d^n / n!, used for |d| < 1 where the closed form
+# cancels. Coefficients c_n = (n-1)/n! for n = 2..25; the n = 25 term is below 1e-24 at |d| = 1.
+_PSI_COEFFS: Final = tuple((n - 1) / math.factorial(n) for n in range(2, 26))
+
+
+def _as_float64(x: ArrayLike, name: str) -> F64:
+    """Widen ``x`` to float64, refusing non-floating dtypes and scalars (a class axis is required)."""
+    arr = np.asarray(x)
+    kind_ok = arr.dtype.kind == "f" or arr.dtype.name in _EXTRA_FLOAT_NAMES
+    if not kind_ok:
+        raise ValueError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64); "
+            f"got dtype {arr.dtype.name}"
+        )
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have at least one axis (the class axis); got a scalar")
+    if arr.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty class axis (shape {arr.shape})")
+    return arr.astype(np.float64)
+
+
+def _same_shape(a: F64, b: F64, names: tuple[str, str]) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"shape mismatch: {names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}; "
+            "broadcasting is refused on purpose (frameworks broadcast silently)"
+        )
+
+
+def check_temperature(temperature: float) -> float:
+    """Return ``temperature`` as a float, or raise ``ValueError`` if it is not finite and > 0."""
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(
+        temperature, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"temperature must be a real number; got {temperature!r}")
+    t = float(temperature)
+    if not math.isfinite(t):
+        raise ValueError(f"temperature must be finite; got {t}")
+    if t <= 0.0:
+        raise ValueError(f"temperature must be > 0; got {t}")
+    return t
+
+
+def log_softmax(logits: ArrayLike, temperature: float = 1.0) -> F64:
+    """float64 log-softmax of ``logits / temperature`` over the last axis (logsumexp-stable).
+
+    ``-inf`` logits give ``-inf`` log-probabilities; a row that is all ``-inf`` or holds a NaN or
+    ``+inf`` gives NaN throughout.
+    """
+    t = check_temperature(temperature)
+    z = _as_float64(logits, "logits") / t
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        m = np.max(z, axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, np.nan)  # all -inf or +inf row: no distribution
+        shifted = z - m
+        lse = np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+        return shifted - lse
+
+
+def softmax(logits: ArrayLike, temperature: float = 1.0) -> F64:
+    """float64 softmax of ``logits / temperature`` over the last axis (exp of ``log_softmax``)."""
+    return np.exp(log_softmax(logits, temperature))
+
+
+def _psi_small(d: F64) -> F64:
+    """``d*exp(d) - expm1(d)`` for ``|d| < 1`` by its Taylor series (no cancellation)."""
+    acc = np.full_like(d, _PSI_COEFFS[-1])
+    for c in reversed(_PSI_COEFFS[:-1]):
+        acc = acc * d + c
+    return acc * d * d
+
+
+def _kl_normalised_log(lp: F64, lq: F64) -> F64:
+    """Per-row KL from *normalised* float64 log-probabilities, summed in non-negative terms.
+
+    Uses KL = sum_j q_j * phi(p_j / q_j) with phi(r) = r log r - r + 1 >= 0, which equals
+    sum p log(p/q) when both rows sum to 1. Every term is >= 0, so the sum has no cancellation and
+    a normalisation error in p or q enters only at second order. A class with p_j = 0 contributes
+    q_j here (balancing the -sum p + sum q bookkeeping), i.e. exactly 0 to sum p log(p/q).
+    """
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        d = lp - lq
+        p = np.exp(lp)
+        q = np.exp(lq)
+        small = np.abs(d) < 1.0
+        term_small = q * _psi_small(np.where(small, d, 0.0))
+        term_large = p * (d - 1.0) + q
+        term = np.where(small, term_small, term_large)
+        # p_j = 0 exactly (teacher -inf), including -inf on both sides: contributes q_j (0 if both).
+        term = np.where(lp == -np.inf, q, term)
+        return np.asarray(np.sum(term, axis=-1), dtype=np.float64)
+
+
+def kl_from_logits(
+    teacher_logits: ArrayLike, student_logits: ArrayLike, temperature: float = 1.0
+) -> F64:
+    """Per-row KL(softmax(teacher/T) || softmax(student/T)) over the last axis, in float64.
+
+    Returns an array of shape ``teacher_logits.shape[:-1]`` (0-d for 1-D input). The T^2 factor of
+    Hinton-style distillation is *not* applied. Raises ``ValueError`` on a shape mismatch, a
+    non-floating dtype or a temperature that is not finite and > 0. NaN in a row gives NaN.
+    """
+    t = _as_float64(teacher_logits, "teacher_logits")
+    s = _as_float64(student_logits, "student_logits")
+    _same_shape(t, s, ("teacher_logits", "student_logits"))
+    temp = check_temperature(temperature)
+    return _kl_normalised_log(log_softmax(t, temp), log_softmax(s, temp))
+
+
+def _row_has_nan(*arrays: F64) -> NDArray[np.bool_]:
+    return np.logical_or.reduce([np.isnan(a).any(axis=-1) for a in arrays])
+
+
+def kl_from_log_probs(log_p: ArrayLike, log_q: ArrayLike) -> F64:
+    """Per-row sum_j exp(log_p_j) * (log_p_j - log_q_j) over the last axis, no renormalisation.
+
+    ``log_p = -inf`` contributes 0 (also where ``log_q = -inf``); finite ``log_p`` with
+    ``log_q = -inf`` gives ``+inf``; NaN anywhere in a row gives NaN.
+    """
+    lp = _as_float64(log_p, "log_p")
+    lq = _as_float64(log_q, "log_q")
+    _same_shape(lp, lq, ("log_p", "log_q"))
+    with np.errstate(invalid="ignore", over="ignore"):
+        term = np.where(lp == -np.inf, 0.0, np.exp(lp) * (lp - lq))
+        rows = np.sum(term, axis=-1)
+    return np.where(_row_has_nan(lp, lq), np.nan, rows)
+
+
+def kl_from_probs(p: ArrayLike, q: ArrayLike) -> F64:
+    """Per-row sum_j p_j log(p_j / q_j) over the last axis (``rel_entr`` semantics), no renormalisation.
+
+    ``p_j = 0`` contributes 0 (also where ``q_j = 0``); ``p_j > 0`` with ``q_j = 0`` gives ``+inf``;
+    NaN anywhere in a row gives NaN. Negative entries raise ``ValueError``.
+    """
+    pa = _as_float64(p, "p")
+    qa = _as_float64(q, "q")
+    _same_shape(pa, qa, ("p", "q"))
+    if np.any(pa < 0) or np.any(qa < 0):
+        raise ValueError("probabilities must be >= 0; found a negative entry in p or q")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        term = np.where(pa == 0, 0.0, pa * (np.log(pa) - np.log(qa)))
+        rows = np.sum(term, axis=-1)
+    return np.where(_row_has_nan(pa, qa), np.nan, rows)
+
+
+# ----------------------------------------------------------------------------------------- torch
+
+
+def torch_pointwise(input: ArrayLike, target: ArrayLike, *, log_target: bool = False) -> F64:
+    """torch.nn.functional.kl_div's elementwise loss, exactly, in float64.
+
+    ``log_target=False``: ``xlogy(target, target) - target * input`` (``xlogy(0, y) = 0``), so a class
+    with ``target = 0`` and ``input = -inf`` gives ``0 - 0*(-inf) = NaN`` as in torch.
+    ``log_target=True``: ``exp(target) * (target - input)``; ``target = input = -inf`` gives NaN.
+    """
+    x = _as_float64(input, "input")
+    y = _as_float64(target, "target")
+    _same_shape(x, y, ("input", "target"))
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if log_target:
+            return np.asarray(np.exp(y) * (y - x), dtype=np.float64)
+        xlogy = np.where(y == 0, 0.0, y * np.log(y))
+        return np.asarray(xlogy - y * x, dtype=np.float64)
+
+
+def torch_reduce(pointwise: F64, reduction: str) -> F64:
+    """Apply a torch ``kl_div`` reduction to its elementwise loss.
+
+    ``'mean'`` divides by the number of elements (B*C, not the batch); ``'batchmean'`` divides by
+    ``input.size(0)``: C for 1-D input, B (not B*S) for (B, S, C) input.
+    """
+    if reduction == "none":
+        return pointwise
+    total = np.sum(pointwise)
+    if reduction == "sum":
+        return np.asarray(total)
+    if reduction == "mean":
+        return np.asarray(total / pointwise.size)
+    if reduction == "batchmean":
+        return np.asarray(total / pointwise.shape[0])
+    raise ValueError(f"unknown torch reduction {reduction!r}; expected one of {TORCH_REDUCTIONS}")
+
+
+def torch_kl_div(
+    input: ArrayLike, target: ArrayLike, *, reduction: str = "mean", log_target: bool = False
+) -> F64:
+    """``torch.nn.functional.kl_div(input, target, reduction, log_target)`` evaluated exactly."""
+    return torch_reduce(torch_pointwise(input, target, log_target=log_target), reduction)
+
+
+# ----------------------------------------------------------------------------------------- keras
+
+
+def keras_pointwise(
+    y_true: ArrayLike, y_pred: ArrayLike, *, epsilon: float = KERAS_EPSILON
+) -> F64:
+    """Keras's elementwise KL term: both clipped to ``[epsilon, 1]``, then ``t * log(t / p)``.
+
+    No renormalisation after clipping. ``epsilon`` should already be rounded to the compute dtype
+    (see ``keras_kl_divergence``).
+    """
+    t = np.clip(_as_float64(y_true, "y_true"), epsilon, 1.0)
+    p = np.clip(_as_float64(y_pred, "y_pred"), epsilon, 1.0)
+    _same_shape(t, p, ("y_true", "y_pred"))
+    return np.asarray(t * np.log(t / p), dtype=np.float64)
+
+
+def keras_reduce(rows: F64, reduction: str | None) -> F64:
+    """Apply a Keras 3 loss reduction (``keras.losses.Loss``) to per-row losses, unweighted.
+
+    A scalar (from 1-D input) is returned unreduced by every reduction. ``'sum_over_batch_size'``,
+    ``'mean'`` and ``'mean_with_sample_weight'`` divide by the number of rows, B*S for (B, S, C).
+    """
+    if reduction is None or reduction == "none" or rows.ndim == 0:
+        return rows
+    total = np.sum(rows)
+    if reduction == "sum":
+        return np.asarray(total)
+    if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+        return np.asarray(total / rows.size if rows.size else 0.0)  # divide_no_nan
+    raise ValueError(f"unknown Keras reduction {reduction!r}; expected one of {KERAS_REDUCTIONS}")
+
+
+def keras_kl_divergence(
+    y_true: ArrayLike,
+    y_pred: ArrayLike,
+    *,
+    reduction: str | None = "sum_over_batch_size",
+    epsilon: float = KERAS_EPSILON,
+    compute_max: float = math.inf,
+) -> F64:
+    """``keras.losses.KLDivergence(reduction)(y_true, y_pred)`` evaluated exactly in float64.
+
+    ``compute_max`` is the largest finite value of the compute dtype: a ratio ``t / p`` above it
+    overflows to ``inf`` in Keras (float16 compute: ``1 / 1e-7`` does), and does so here too.
+    """
+    t = np.clip(_as_float64(y_true, "y_true"), epsilon, 1.0)
+    p = np.clip(_as_float64(y_pred, "y_pred"), epsilon, 1.0)
+    _same_shape(t, p, ("y_true", "y_pred"))
+    ratio = t / p
+    ratio = np.where(ratio > compute_max, np.inf, ratio)
+    rows = np.sum(t * np.log(ratio), axis=-1)
+    return keras_reduce(np.asarray(rows, dtype=np.float64), reduction)
+
+
+def keras_clip_gap_bound(p: ArrayLike, q: ArrayLike, *, epsilon: float = KERAS_EPSILON) -> F64:
+    """Per-row upper bound on |Keras's clipped KL - exact KL| for normalised ``p``, ``q``.
+
+    Clipping changes only classes with p_j < eps or q_j < eps, so by the triangle inequality the gap
+    is at most sum over those classes of |t_j log(t_j / u_j)| + |p_j log(p_j / q_j)| with t, u the
+    clipped values. Zero when no probability falls below eps; infinite when the exact KL is.
+    """
+    pa = _as_float64(p, "p")
+    qa = _as_float64(q, "q")
+    _same_shape(pa, qa, ("p", "q"))
+    clipped = (pa < epsilon) | (qa < epsilon)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        exact_term = np.where(pa == 0, 0.0, pa * (np.log(pa) - np.log(qa)))
+    clip_term = keras_pointwise(pa, qa, epsilon=epsilon)
+    bound = np.where(clipped, np.abs(clip_term) + np.abs(exact_term), 0.0)
+    return np.asarray(np.sum(bound, axis=-1), dtype=np.float64)

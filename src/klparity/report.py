@@ -1,0 +1,117 @@
+"""Aggregating check results into the verdict matrix, its terminal table and its JSON file.
+
+A matrix row is (framework, API, reduction-independent API id, dtype, device); it holds the number
+of cells and checks, the largest absolute and relative errors, the worst tightness (error /
+tolerance) and the number of failures. The JSON file adds the environment: versions of Python,
+NumPy, every framework, and the platform.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from klparity.frameworks import REGISTRY
+
+SCHEMA = "klparity-report/1"
+
+
+@dataclass
+class Row:
+    """One line of the verdict matrix."""
+
+    framework: str
+    api: str
+    dtype: str
+    device: str
+    cells: set[str] = field(default_factory=set)
+    checks: int = 0
+    failures: int = 0
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    tightness: float = 0.0
+    differences: set[str] = field(default_factory=set)
+
+    @property
+    def verdict(self) -> str:
+        return "FAIL" if self.failures else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("framework", "api", "dtype", "device", "checks", "failures",
+                                           "max_abs", "max_rel", "tightness")}  # fmt: skip
+        d["cells"] = len(self.cells)
+        d["differences"] = sorted(self.differences)
+        d["verdict"] = self.verdict
+        return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def aggregate(results: Iterable[dict[str, Any]]) -> list[Row]:
+    """Fold per-check dicts (``CheckResult.to_dict()``) into matrix rows, sorted."""
+    rows: dict[tuple[str, str, str, str], Row] = {}
+    for r in results:
+        key = (r["framework"], r["api"], r["dtype"], r["device"])
+        row = rows.setdefault(key, Row(*key))
+        row.cells.add(f"{r['case']}|{r['layout']}")
+        row.checks += 1
+        row.failures += 0 if r["ok"] else 1
+        row.max_abs = max(row.max_abs, float(r["max_abs"]))
+        row.max_rel = max(row.max_rel, float(r["max_rel"]))
+        row.tightness = max(row.tightness, float(r["tightness"]))
+        row.differences.update(d.split(":")[0] for d in r.get("differences", []))
+    return [rows[k] for k in sorted(rows)]
+
+
+def environment() -> dict[str, str]:
+    """Versions of everything that can change a result, without importing any framework."""
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+    }
+    for name, adapter in REGISTRY.items():
+        env[name] = adapter.version()
+    return env
+
+
+def write_json(path: str | Path, rows: list[Row], results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Write the baseline file: environment, selection, matrix rows and per-check failures."""
+    doc = {
+        "schema": SCHEMA,
+        "environment": environment(),
+        "selection": meta,
+        "summary": {
+            "checks": sum(r.checks for r in rows),
+            "failures": sum(r.failures for r in rows),
+            "worst_tightness": max((r.tightness for r in rows), default=0.0),
+        },
+        "matrix": [r.to_dict() for r in rows],
+        "failed_checks": [r for r in results if not r["ok"]],
+    }
+    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def format_rows(rows: list[Row]) -> list[list[str]]:
+    """Matrix rows as table cells (shared by the rich table and the plain pytest summary)."""
+    return [
+        [r.framework, r.api, r.dtype, r.device, str(len(r.cells)), str(r.checks), f"{r.max_abs:.2g}",
+         f"{r.max_rel:.2g}", f"{r.tightness:.2f}", r.verdict]
+        for r in rows
+    ]  # fmt: skip
+
+
+HEADER = ["framework", "API", "dtype", "device", "cells", "checks", "max abs", "max rel", "err/tol", "verdict"]
+
+
+def plain_table(rows: list[Row]) -> str:
+    """Fixed-width text table (no dependency on a terminal)."""
+    body = [HEADER, *format_rows(rows)]
+    widths = [max(len(line[i]) for line in body) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in body)
