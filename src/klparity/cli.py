@@ -1,0 +1,158 @@
+"""The ``klparity`` command: ``report`` (the verdict matrix outside pytest) and ``run-cell`` (a repro).
+
+Exit status: 0 when every check passed, 1 when any failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from klparity import grid
+from klparity.cases import case_by_id
+from klparity.checks import Cell, failure_message, run_cell
+from klparity.dtypes import DTYPE_NAMES
+from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY
+from klparity.report import HEADER, aggregate, environment, format_rows, write_json
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+def _selection(args: argparse.Namespace) -> grid.Selection:
+    frameworks = grid.split_list(args.frameworks, [n for n, a in REGISTRY.items() if a.available()])
+    try:
+        sel = grid.Selection(
+            frameworks=frameworks,
+            dtypes=grid.split_list(args.dtypes, DTYPE_NAMES),
+            devices=grid.split_list(args.devices, DEVICES),
+            tier=args.tier,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in sel.frameworks:
+        if not REGISTRY[name].available():
+            raise UsageError(REGISTRY[name].missing_reason())
+    if not sel.frameworks:
+        raise UsageError("no framework installed: pip install 'klparity[all]'")
+    return sel
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Run the matrix, print the table, optionally write JSON; 1 if anything failed."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    sel = _selection(args)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    results: list[dict[str, Any]] = []
+    messages: list[str] = []
+    skipped = 0
+    todo = grid.cells(sel)
+    start = time.perf_counter()
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("checking", total=len(todo))
+        for cell in todo:
+            reason = grid.skip_reason(cell, sel.seed)
+            if reason:
+                skipped += 1
+            else:
+                res = run_cell(REGISTRY[cell.framework], cell, sel.seed)
+                results += [r.to_dict() for r in res]
+                if not all(r.ok for r in res):
+                    messages.append(failure_message(cell, sel.seed, res))
+            progress.advance(task)
+    rows = aggregate(results)
+    env = environment()
+    table = Table(title="klparity: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "platform"))
+    for h in HEADER:
+        table.add_column(h, justify="left" if h in ("framework", "API", "dtype", "device", "verdict") else "right")
+    for line, row in zip(format_rows(rows), rows, strict=True):
+        style = "red" if row.failures else None
+        table.add_row(*line, style=style)
+    console.print(table)
+    for m in messages[: args.max_failures]:
+        console.print(m, markup=False, highlight=False)
+    failed = sum(r.failures for r in rows)
+    console.print(f"{sum(r.checks for r in rows)} checks in {len(results) and sum(len(r.cells) for r in rows)} "
+                  f"cells, {failed} failed, {skipped} cells skipped, {time.perf_counter() - start:.1f} s",
+                  markup=False)  # fmt: skip
+    if args.json:
+        meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
+                "devices": sel.devices, "runner": "klparity report"}  # fmt: skip
+        write_json(args.json, rows, results, meta)
+        console.print(f"wrote {args.json}", markup=False)
+    return 1 if failed else 0
+
+
+def cmd_run_cell(args: argparse.Namespace) -> int:
+    """Run one cell and print every check (the one-line repro of a failure message)."""
+    adapter = REGISTRY.get(args.framework)
+    if adapter is None:
+        raise UsageError(f"unknown framework {args.framework!r}; known: {', '.join(REGISTRY)}")
+    if not adapter.available():
+        raise UsageError(adapter.missing_reason())
+    apis = {a.id: a for a in adapter.apis(args.dtype)}
+    if args.api not in apis:
+        raise UsageError(f"unknown API {args.api!r} for {args.dtype}; known: {', '.join(apis)}")
+    try:
+        case = case_by_id(args.case)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cell = Cell(args.framework, apis[args.api], case, args.dtype, args.device, args.layout)
+    reason = grid.skip_reason(cell, args.seed)
+    if reason:
+        print(f"cannot run here: {reason}")
+        return 0
+    results = run_cell(adapter, cell, args.seed)
+    for r in results:
+        print(f"{r.reduction:>24}: {'ok  ' if r.ok else 'FAIL'} max abs {r.max_abs:.3g}, max rel "
+              f"{r.max_rel:.3g}, err/tol {r.tightness:.3g}" + "".join(f"\n{'':>26}{p}" for p in r.problems))  # fmt: skip
+    if not all(r.ok for r in results):
+        print(failure_message(cell, args.seed, results))
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="klparity", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="run the parity matrix and print the verdict table")
+    rep.add_argument("--frameworks", default="", help="comma list (default: every installed one)")
+    rep.add_argument("--dtypes", default="", help=f"comma list of {', '.join(DTYPE_NAMES)}")
+    rep.add_argument("--devices", default="", help=f"comma list of {', '.join(DEVICES)}")
+    rep.add_argument("--tier", default="quick", choices=("quick", "full"))
+    rep.add_argument("--seed", default=0, type=int, help="shift every case seed")
+    rep.add_argument("--json", default=None, metavar="PATH", help="also write the matrix as JSON")
+    rep.add_argument("--max-failures", default=20, type=int, help="failure messages to print")
+    rep.set_defaults(func=cmd_report)
+    one = sub.add_parser("run-cell", help="run one cell (the repro line of a failure message)")
+    one.add_argument("--framework", required=True)
+    one.add_argument("--api", required=True)
+    one.add_argument("--case", required=True)
+    one.add_argument("--dtype", required=True, choices=DTYPE_NAMES)
+    one.add_argument("--device", default="cpu", choices=DEVICES)
+    one.add_argument("--layout", default="contiguous", choices=LAYOUTS)
+    one.add_argument("--seed", default=0, type=int)
+    one.set_defaults(func=cmd_run_cell)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``klparity`` script."""
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"klparity: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
