@@ -67,11 +67,18 @@ def _spread(rng: np.random.Generator, shape: tuple[int, ...], width: float) -> t
     return rng.uniform(-half, half, shape), rng.uniform(-half, half, shape)
 
 
+def _mask(rng: np.random.Generator, shape: tuple[int, ...], frac: float) -> NDArray[np.bool_]:
+    """A random ``frac`` of classes per row, always masking the last class and never the first."""
+    mask = rng.random(shape) < frac
+    mask[..., -1] = True
+    mask[..., 0] = False
+    return mask
+
+
 def _masked(rng: np.random.Generator, shape: tuple[int, ...], frac: float) -> tuple[F64, F64]:
     """Masked vocabulary: a random ``frac`` of classes is -inf in both teacher and student."""
     teacher, student = rng.normal(0.0, 3.0, shape), rng.normal(0.0, 3.0, shape)
-    mask = rng.random(shape) < frac
-    np.put_along_axis(mask, np.zeros(shape[:-1], dtype=np.intp)[..., None], False, -1)
+    mask = _mask(rng, shape, frac)
     teacher[mask] = -np.inf
     student[mask] = -np.inf
     return teacher, student
@@ -80,9 +87,7 @@ def _masked(rng: np.random.Generator, shape: tuple[int, ...], frac: float) -> tu
 def _teacher_masked(rng: np.random.Generator, shape: tuple[int, ...], frac: float) -> tuple[F64, F64]:
     """Zero-probability target classes: teacher -inf on a random ``frac`` of classes only."""
     teacher, student = rng.normal(0.0, 3.0, shape), rng.normal(0.0, 3.0, shape)
-    mask = rng.random(shape) < frac
-    np.put_along_axis(mask, np.zeros(shape[:-1], dtype=np.intp)[..., None], False, -1)
-    teacher[mask] = -np.inf
+    teacher[_mask(rng, shape, frac)] = -np.inf
     return teacher, student
 
 

@@ -1,7 +1,10 @@
 """The floating dtypes the suite tests: their constants, and rounding float64 values to them.
 
-bfloat16 comes from ``ml_dtypes`` (the package JAX and TensorFlow themselves use for it), so the
-rounding the oracle applies is bit-identical to what the frameworks store.
+bfloat16 comes from ``ml_dtypes`` (the package JAX and TensorFlow themselves use for it). The suite
+rounds the float64 case data once, here, and hands the frameworks the rounded values, which they
+store exactly: so the oracle and every framework see bit-identical inputs whatever way each
+framework would itself round float64 (ml_dtypes goes through float32 for bfloat16; NumPy rounds to
+float16 in one step, while torch, TF and JAX go through float32 — the two can differ in the last bit).
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def dtype_info(name: str) -> DTypeInfo:
 
 
 def round_to(x: NDArray[np.float64], dtype: str) -> NDArray[np.generic]:
-    """Round float64 values to ``dtype`` (round-to-nearest-even), returning that dtype's array."""
+    """Round float64 values to ``dtype`` (to nearest even; bfloat16 via float32), as that dtype's array."""
     return np.asarray(x, dtype=np.float64).astype(dtype_info(dtype).numpy)
 
 

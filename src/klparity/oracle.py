@@ -91,11 +91,13 @@ def log_softmax(logits: ArrayLike, temperature: float = 1.0) -> F64:
     ``+inf`` gives NaN throughout.
     """
     t = check_temperature(temperature)
-    z = _as_float64(logits, "logits") / t
+    x = _as_float64(logits, "logits")
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        m = np.max(z, axis=-1, keepdims=True)
+        m = np.max(x, axis=-1, keepdims=True)
         m = np.where(np.isfinite(m), m, np.nan)  # all -inf or +inf row: no distribution
-        shifted = z - m
+        # shift before dividing: the rounding error then scales with the spread of the logits,
+        # not with their size (max(x / T) = max(x) / T for T > 0)
+        shifted = (x - m) / t
         lse = np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
         return shifted - lse
 
@@ -131,6 +133,8 @@ def _kl_normalised_log(lp: F64, lq: F64) -> F64:
         term = np.where(small, term_small, term_large)
         # p_j = 0 exactly (teacher -inf), including -inf on both sides: contributes q_j (0 if both).
         term = np.where(lp == -np.inf, q, term)
+        # teacher mass (even one that underflows float64) where the student is -inf: +inf.
+        term = np.where((lq == -np.inf) & (lp > -np.inf), np.inf, term)
         return np.asarray(np.sum(term, axis=-1), dtype=np.float64)
 
 
@@ -165,6 +169,7 @@ def kl_from_log_probs(log_p: ArrayLike, log_q: ArrayLike) -> F64:
     _same_shape(lp, lq, ("log_p", "log_q"))
     with np.errstate(invalid="ignore", over="ignore"):
         term = np.where(lp == -np.inf, 0.0, np.exp(lp) * (lp - lq))
+        term = np.where((lq == -np.inf) & (lp > -np.inf), np.inf, term)
         rows = np.sum(term, axis=-1)
     return np.where(_row_has_nan(lp, lq), np.nan, rows)
 
@@ -212,9 +217,12 @@ def torch_reduce(pointwise: F64, reduction: str) -> F64:
     ``'mean'`` divides by the number of elements (B*C, not the batch); ``'batchmean'`` divides by
     ``input.size(0)``: C for 1-D input, B (not B*S) for (B, S, C) input.
     """
+    if reduction not in TORCH_REDUCTIONS:
+        raise ValueError(f"unknown torch reduction {reduction!r}; expected one of {TORCH_REDUCTIONS}")
     if reduction == "none":
         return pointwise
-    total = np.sum(pointwise)
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.sum(pointwise)
     if reduction == "sum":
         return np.asarray(total)
     if reduction == "mean":
@@ -254,9 +262,12 @@ def keras_reduce(rows: F64, reduction: str | None) -> F64:
     A scalar (from 1-D input) is returned unreduced by every reduction. ``'sum_over_batch_size'``,
     ``'mean'`` and ``'mean_with_sample_weight'`` divide by the number of rows, B*S for (B, S, C).
     """
+    if reduction is not None and reduction not in KERAS_REDUCTIONS:
+        raise ValueError(f"unknown Keras reduction {reduction!r}; expected one of {KERAS_REDUCTIONS}")
     if reduction is None or reduction == "none" or rows.ndim == 0:
         return rows
-    total = np.sum(rows)
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.sum(rows)
     if reduction == "sum":
         return np.asarray(total)
     if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from klparity.frameworks.base import DEVICES, LAYOUTS, Adapter, Api, Output, cap_native_threads
+from klparity.frameworks.jax_adapter import JaxAdapter
 from klparity.frameworks.keras_adapter import KerasAdapter
 from klparity.frameworks.torch_adapter import TorchAdapter
 
 REGISTRY: dict[str, Adapter] = {
     "torch": TorchAdapter(),
     "tensorflow": KerasAdapter(),
+    "jax": JaxAdapter(),
 }
 
 

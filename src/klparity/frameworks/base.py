@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 F64 = NDArray[np.float64]
-Semantics = Literal["torch", "keras"]
+Semantics = Literal["torch", "keras", "optax"]
 DEVICES = ("cpu", "gpu")
 LAYOUTS = ("contiguous", "transposed", "strided")
 

@@ -1,0 +1,131 @@
+"""JAX adapter: ``optax.losses.kl_divergence`` (probability and log targets) and ``jax.scipy.special.rel_entr``.
+
+The student goes in as ``jax.nn.log_softmax(s / T)``; the target as ``jax.nn.softmax(t / T)``
+(``kl_divergence``), ``jax.nn.log_softmax(t / T)`` (``kl_divergence_with_log_targets``), or both as
+``jax.nn.softmax`` probabilities summed over the class axis (``rel_entr``), all computed by JAX in
+the tested dtype on the tested device. None of them reduces over the batch: the single reduction
+label ``"none"`` means one value per row.
+
+float64 exists in JAX only with ``jax_enable_x64``; without it ``jnp.asarray`` silently truncates
+float64 to float32. The adapter enables it with the thread-local ``jax.enable_x64(True)`` context
+manager around float64 cells only, so the process-wide default (float32) is never changed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from types import ModuleType
+from typing import Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from klparity.frameworks.base import Adapter, Api, Output
+
+KL: Final = "optax.losses.kl_divergence"
+KL_LOG_TARGETS: Final = "optax.losses.kl_divergence_with_log_targets"
+REL_ENTR: Final = "jax.scipy.special.rel_entr"
+REDUCTIONS: Final = ("none",)  #: per-row values; none of the APIs reduces over the batch
+
+
+class JaxAdapter(Adapter):
+    """optax's two KL losses and ``sum(jax.scipy.special.rel_entr(p, q), axis=-1)``, per row."""
+
+    name = "jax"
+    module = "jax"
+    distribution = "jax"
+    extra = "jax"
+    dtypes = ("float16", "bfloat16", "float32", "float64")
+    _mods: tuple[ModuleType, ModuleType] | None = None
+
+    def available(self) -> bool:
+        """JAX and optax both installed (the ``jax`` extra installs both)."""
+        return all(importlib.util.find_spec(m) is not None for m in ("jax", "optax"))
+
+    def version(self) -> str:
+        v = super().version()
+        try:
+            return f"{v} (optax {importlib.metadata.version('optax')})"
+        except importlib.metadata.PackageNotFoundError:
+            return v
+
+    def _jax(self) -> tuple[ModuleType, ModuleType]:
+        # No thread cap here: XLA's CPU client has no supported setting for it (an XLA_FLAGS entry
+        # that a later jaxlib drops aborts the process), and the cases are small.
+        if JaxAdapter._mods is None:
+            import jax
+            import optax
+
+            JaxAdapter._mods = (jax, optax)
+        return JaxAdapter._mods
+
+    def _device(self, device: str) -> Any:
+        jax, _ = self._jax()
+        return jax.devices("gpu" if device == "gpu" else "cpu")[0]
+
+    def devices(self) -> tuple[str, ...]:
+        jax, _ = self._jax()
+        try:
+            jax.devices("gpu")
+        except RuntimeError:  # "Unknown backend: 'gpu' requested ...": no GPU backend installed
+            return ("cpu",)
+        return ("cpu", "gpu")
+
+    def device_names(self) -> dict[str, str]:
+        names = {"cpu": "cpu (XLA)"}
+        if "gpu" in self.devices():
+            names["gpu"] = str(self._device("gpu").device_kind)
+        return names
+
+    def apis(self, dtype: str) -> tuple[Api, ...]:
+        return (
+            Api(self.name, KL, "optax", REDUCTIONS),
+            Api(self.name, KL_LOG_TARGETS, "optax", REDUCTIONS),
+            Api(self.name, REL_ENTR, "optax", REDUCTIONS, (("sum_axis", -1),)),
+        )
+
+    def compute_dtype(self, api: Api, dtype: str) -> str:
+        return dtype  # float64 only because run() enables x64 for it
+
+    @staticmethod
+    def x64(jax: ModuleType, dtype: str) -> AbstractContextManager[Any]:
+        """``jax.enable_x64(True)`` for float64 (thread-local, undone on exit), else nothing."""
+        return jax.enable_x64(True) if dtype == "float64" else nullcontext()
+
+    def run(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, Output]:
+        if layout != "contiguous":
+            raise ValueError("JAX arrays have no user-visible memory layout")
+        jax, optax = self._jax()
+        jnp, nn = jax.numpy, jax.nn
+        dtype = str(teacher.dtype)
+        with self.x64(jax, dtype), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded and reported by the check, not raised here
+            dev = self._device(device)
+            # the NumPy arrays already hold dtype (bfloat16 via ml_dtypes, which JAX uses too)
+            t, s = jax.device_put(teacher, dev), jax.device_put(student, dev)
+            if str(t.dtype) != dtype or str(s.dtype) != dtype:
+                raise RuntimeError(f"JAX converted {dtype} logits to {t.dtype}")
+            log_q = nn.log_softmax(s / temperature, axis=-1)
+            if api.entry == KL:
+                res = optax.losses.kl_divergence(log_q, nn.softmax(t / temperature, axis=-1))
+            elif api.entry == KL_LOG_TARGETS:
+                res = optax.losses.kl_divergence_with_log_targets(log_q, nn.log_softmax(t / temperature, axis=-1))
+            elif api.entry == REL_ENTR:
+                p, q = nn.softmax(t / temperature, axis=-1), nn.softmax(s / temperature, axis=-1)
+                res = jnp.sum(jax.scipy.special.rel_entr(p, q), axis=-1)
+            else:
+                raise ValueError(f"unknown JAX API {api.entry!r}")
+            value = np.asarray(res).astype(np.float64)
+            res_dtype = str(res.dtype)
+        return {"none": Output(value=value, dtype=res_dtype, warnings=tuple(str(w.message) for w in caught))}
