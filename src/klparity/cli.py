@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from klparity import grid
+from klparity import compare, goldens, grid
 from klparity.cases import case_by_id
 from klparity.checks import Cell, failure_message, run_cell
 from klparity.dtypes import DTYPE_NAMES
@@ -112,12 +112,54 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
         return 0
     results = run_cell(adapter, cell, args.seed)
     for r in results:
-        print(f"{r.reduction:>24}: {'ok  ' if r.ok else 'FAIL'} max abs {r.max_abs:.3g}, max rel "
-              f"{r.max_rel:.3g}, err/tol {r.tightness:.3g}" + "".join(f"\n{'':>26}{p}" for p in r.problems))  # fmt: skip
+        verdict = "ok  " if r.ok else "FAIL"
+        print(f"{r.reduction:>24}: {verdict} max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, "
+              f"err/tol {r.tightness:.3g}")  # fmt: skip
+        for problem in r.problems:
+            print(f"{'':>26}{problem}")
     if not all(r.ok for r in results):
         print(failure_message(cell, args.seed, results))
         return 1
     return 0
+
+
+def cmd_mutate(args: argparse.Namespace) -> int:
+    """Run the suite once per mutant (and unmutated under several seeds); 1 if a mutant survived."""
+    from klparity import mutants as catalogue
+    from klparity.mutate import kill_rate, run_all
+
+    if args.list:
+        for m in catalogue.MUTANTS:
+            print(f"{m.name:28} {m.framework:11} {m.description}")
+        return 0
+    try:
+        chosen = [catalogue.get(n) for n in grid.split_list(args.mutants, [m.name for m in catalogue.MUTANTS])]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    chosen = [m for m in chosen if REGISTRY[m.framework].available()]
+    start = time.perf_counter()
+    outcomes = run_all(chosen, seeds=range(1, args.seeds + 1), jobs=args.jobs)
+    width = max(len(o.name) for o in outcomes)
+    for o in outcomes:
+        desc = catalogue.BY_NAME[o.name].description if o.name in catalogue.BY_NAME else "false-alarm check"
+        print(f"{o.name:{width}}  {o.status:11}  {o.seconds:5.1f} s  {o.killer or '-'}\n{'':{width}}  {desc}")
+        if o.detail and o.status in ("error", "false alarm"):
+            print(o.detail)
+    rate = kill_rate(outcomes)
+    alarms = sum(o.status in ("false alarm", "error") for o in outcomes if o.name.startswith("unmut"))
+    print(f"kill rate {rate:.0%} ({sum(o.status == 'killed' for o in outcomes)} of {len(chosen)} mutants), "
+          f"{alarms} false alarms in {args.seeds} unmutated runs, {time.perf_counter() - start:.0f} s wall")
+    return 0 if rate >= args.min_kill_rate and not alarms else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print what changed between two reports; 0 ok to merge, 1 blocking changes, 2 bad input."""
+    try:
+        code, text = compare.run(args.before, args.after, allow_vanished=args.allow_vanished)
+    except compare.CompareError as e:
+        raise UsageError(str(e)) from None
+    print(text)
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +183,22 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("--layout", default="contiguous", choices=LAYOUTS)
     one.add_argument("--seed", default=0, type=int)
     one.set_defaults(func=cmd_run_cell)
+    mut = sub.add_parser("mutate", help="prove the suite catches regressions: run it once per mutant")
+    mut.add_argument("--list", action="store_true", help="list the catalogue and exit")
+    mut.add_argument("--mutants", default="", help="comma list (default: every mutant)")
+    mut.add_argument("--seeds", default=5, type=int, help="unmutated runs with seed shifts 1..N")
+    mut.add_argument("--jobs", default=2, type=int, help="runs in parallel")
+    mut.add_argument("--min-kill-rate", default=1.0, type=float, help="exit 1 below this (default 1.0)")
+    mut.set_defaults(func=cmd_mutate)
+    cmp = sub.add_parser("compare", help="what changed between two report JSON files; exit 1 if the upgrade "
+                         "should not be merged")  # fmt: skip
+    cmp.add_argument("before", help="report of the current versions (klparity report --json / --klparity-report)")
+    cmp.add_argument("after", help="report of the upgraded versions")
+    cmp.add_argument("--allow-vanished", action="store_true", help="rows missing from AFTER are notes, not blocking")
+    cmp.set_defaults(func=cmd_compare)
+    gold = sub.add_parser("goldens", help="regenerate or check the mpmath golden files (fixtures/goldens.*)")
+    goldens.add_arguments(gold)
+    gold.set_defaults(func=goldens.run)
     return p
 
 

@@ -34,7 +34,7 @@ class DTypeInfo:
 
 
 def _info(name: str) -> DTypeInfo:
-    fi = ml_dtypes.finfo(ml_dtypes.bfloat16) if name == "bfloat16" else np.finfo(np.dtype(name))
+    fi = ml_dtypes.finfo(ml_dtypes.bfloat16) if name == "bfloat16" else np.finfo(np.dtype(name))  # type: ignore[no-untyped-call]
     return DTypeInfo(
         name=name,
         unit_roundoff=float(fi.eps) / 2.0,

@@ -73,7 +73,7 @@ class _Stream:
     def uniform(self, shape: tuple[int, ...]) -> F64:
         """Uniform [0, 1) with 53 random bits: (raw >> 11) * 2**-53, exact."""
         raw = np.asarray(self._bg.random_raw(math.prod(shape)), dtype=np.uint64)
-        return ((raw >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(shape)
+        return np.asarray(((raw >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(shape), np.float64)
 
     def normal(self, shape: tuple[int, ...], scale: float) -> F64:
         """Approximately N(0, scale^2): Irwin-Hall, a sum of 12 uniforms minus 6, added in order."""
@@ -85,7 +85,7 @@ class _Stream:
     def index(self, rows: tuple[int, ...], n: int) -> NDArray[np.intp]:
         """One class index in [0, n) per row."""
         raw = np.asarray(self._bg.random_raw(math.prod(rows)), dtype=np.uint64)
-        return (raw % np.uint64(n)).astype(np.intp).reshape(rows)
+        return np.asarray((raw % np.uint64(n)).astype(np.intp).reshape(rows), np.intp)
 
 
 Family = Callable[[_Stream, tuple[int, ...], float], tuple[F64, F64]]

@@ -99,7 +99,7 @@ def log_softmax(logits: ArrayLike, temperature: float = 1.0) -> F64:
         # not with their size (max(x / T) = max(x) / T for T > 0)
         shifted = (x - m) / t
         lse = np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
-        return shifted - lse
+        return np.asarray(shifted - lse, dtype=np.float64)
 
 
 def softmax(logits: ArrayLike, temperature: float = 1.0) -> F64:
@@ -155,7 +155,7 @@ def kl_from_logits(
 
 
 def _row_has_nan(*arrays: F64) -> NDArray[np.bool_]:
-    return np.logical_or.reduce([np.isnan(a).any(axis=-1) for a in arrays])
+    return np.asarray(np.logical_or.reduce([np.isnan(a).any(axis=-1) for a in arrays]), dtype=np.bool_)
 
 
 def kl_from_log_probs(log_p: ArrayLike, log_q: ArrayLike) -> F64:

@@ -9,6 +9,7 @@ verdict matrix at the end of the run and writes it as JSON with ``--klparity-rep
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from klparity import grid
-from klparity.checks import Cell, CheckResult, failure_message, run_cell
+from klparity.checks import ORACLES, Cell, CheckResult, failure_message, run_cell
 from klparity.dtypes import DTYPE_NAMES
 from klparity.frameworks import DEVICES, REGISTRY, cap_native_threads
 from klparity.report import aggregate, environment, plain_table, write_json
@@ -36,6 +37,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--klparity-report", default=None, help="write the verdict matrix as JSON to PATH")
     g.addoption("--klparity-threads", default=None, type=int,
                 help="thread cap per process (default: 1 in xdist workers, unset otherwise)")  # fmt: skip
+    g.addoption("--klparity-mutant", default=None,
+                help="inject a catalogued framework regression (see `klparity mutate --list`)")  # fmt: skip
+    g.addoption("--klparity-oracle", default="numpy", choices=ORACLES,
+                help="exact per-row KL: numpy (log-space oracle, default) or scipy (sum of "
+                     "scipy.special.rel_entr over the float64 softmax, a cross-check)")  # fmt: skip
     parser.addini("klparity_xfails", "file of expected failures: '<id substring>  # reason' per line", default="")
 
 
@@ -56,6 +62,8 @@ def pytest_configure(config: pytest.Config) -> None:
         missing = [f for f in sel.frameworks if not REGISTRY[f].available()]
         if missing:
             raise pytest.UsageError(REGISTRY[missing[0]].missing_reason() + " (requested explicitly)")
+    if opt.klparity_oracle == "scipy" and importlib.util.find_spec("scipy") is None:
+        raise pytest.UsageError("--klparity-oracle scipy needs SciPy: pip install 'klparity[test]'")
     config.stash[_SELECTION_KEY] = sel
     config.stash[_RESULTS_KEY] = []
     threads = opt.klparity_threads
@@ -63,6 +71,13 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = 1  # -n auto already runs one worker per core
     if threads is not None:
         cap_native_threads(threads)
+    if opt.klparity_mutant:
+        from klparity import mutants
+
+        try:
+            mutants.install(mutants.get(opt.klparity_mutant))
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from None
 
 
 def _gpu_hint() -> str:
@@ -77,6 +92,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "klparity: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "platform"),
         f"klparity: tier {sel.tier}, seed shift {sel.seed}, frameworks {','.join(sel.frameworks)}, "
         f"dtypes {','.join(sel.dtypes)}, devices {','.join(sel.devices)}; GPU: {_gpu_hint()}",
+        f"klparity: exact KL from the {config.option.klparity_oracle} oracle",
     ]
 
 
@@ -92,6 +108,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             marks.append(pytest.mark.gpu)
         params.append(pytest.param(cell, id=cell.id, marks=marks))
     metafunc.parametrize("kl_cell", params)
+
+
+@pytest.hookimpl(specname="pytest_generate_tests")
+def pytest_generate_tests_gradients(metafunc: pytest.Metafunc) -> None:
+    """Parametrise ``kl_grad_cell`` with the gradient cells of the selected tier."""
+    if "kl_grad_cell" not in metafunc.fixturenames:
+        return
+    from klparity.gradients import grad_cells
+
+    sel = metafunc.config.stash[_SELECTION_KEY]
+    params = []
+    for cell in grad_cells(sel):
+        adapter = REGISTRY[cell.framework]
+        marks = [] if adapter.available() else [pytest.mark.skip(reason=adapter.missing_reason())]
+        if cell.device == "gpu":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(cell, id=cell.id, marks=marks))
+    metafunc.parametrize("kl_grad_cell", params)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -120,7 +154,26 @@ def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckR
         reason = grid.skip_reason(cell, sel.seed)
         if reason:
             pytest.skip(reason)
-        results = run_cell(REGISTRY[cell.framework], cell, sel.seed)
+        oracle_name = request.config.option.klparity_oracle
+        results = run_cell(REGISTRY[cell.framework], cell, sel.seed, oracle_name=oracle_name)
+        request.node.user_properties.append(("klparity", [r.to_dict() for r in results]))
+        return results
+
+    return run
+
+
+@pytest.fixture
+def klparity_grad_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckResult]]:
+    """Run a gradient cell (skipping when it cannot run here), record its results, return them."""
+    from klparity.gradients import run_grad_cell
+
+    sel = request.config.stash[_SELECTION_KEY]
+
+    def run(cell: Cell) -> list[CheckResult]:
+        reason = grid.skip_reason(cell, sel.seed)
+        if reason:
+            pytest.skip(reason)
+        results = run_grad_cell(REGISTRY[cell.framework], cell, sel.seed)
         request.node.user_properties.append(("klparity", [r.to_dict() for r in results]))
         return results
 
@@ -143,7 +196,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when != "call":
         return
     for name, value in report.user_properties:
-        if name == "klparity":
+        if name == "klparity" and isinstance(value, list):
             _CONTROLLER_RESULTS.extend(value)
 
 
@@ -168,5 +221,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     sel = config.stash[_SELECTION_KEY]
     meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
-            "devices": sel.devices, "runner": "pytest"}  # fmt: skip
+            "devices": sel.devices, "runner": "pytest", "oracle": config.option.klparity_oracle}  # fmt: skip
     write_json(path, aggregate(_CONTROLLER_RESULTS), _CONTROLLER_RESULTS, meta)

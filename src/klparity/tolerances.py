@@ -25,6 +25,40 @@ up to half the smallest subnormal eta, contributing ``eta/2 * (1 + |log p_j| + |
 bound scales with the size of the summands, not with |KL|, so a KL near zero is judged fairly.
 For Keras, p and q are the *clipped* values. Every coefficient below is a rounding count with its
 reason; ``tightness = observed error / tolerance`` is measured by the suite and reported.
+
+Gradient error model (``grad_budget``; rows keyed ``("grad:<framework>", dtype)``, default
+``"grad:*"``). Every gradient the suite checks has, per row and class k, the form
+
+    d/ds_k = (c/T) (q_k S - P_k),   d/dt_k = (c/T) p_k (h_k - H),   H = sum_j p_j h_j
+
+with c the reduction's scale (sum, 'none': 1; torch mean: 1/numel, batchmean: 1/size(0); Keras
+sum_over_batch_size: 1/rows), P_k the target weight the API's backward multiplies (p_k for torch;
+clip(p_k) times the clip's 0/1 derivative for Keras), S = sum_j P_j (1 for torch), and h_k the
+derivative of the pointwise loss in the target (torch: log p_k + 1 - log q_k; Keras: the same with
+clipped values, times the 0/1 derivative of the clip of y_true). Exactly: (q_k - p_k)/T and
+p_k (log p_k - log q_k - KL)/T. The framework's p_j and q_j come out of its softmax stage with the
+relative errors ``c_in u_in rho_j`` of the forward model (rho^t_j = |z^t_j| + |m^t| + |log p_j| +
+log2 C + 1, likewise rho^s_j), so, to first order,
+
+    |err d/ds_k| <= (c/T) [ c_in u_in (P_k rho^t_k + q_k (S rho^s_k + sum_j P_j rho^t_j))
+                            + U (P_k + q_k S) ]
+    |err d/dt_k| <= (c/T) [ c_in u_in p_k (rho^t_k (|h_k| + |H| + 1) + rho^s_k
+                                          + sum_j p_j (rho^t_j (|h_j| + 1) + rho^s_j))
+                            + U p_k (|h_k| + |h_k - H| + sum_j p_j |h_j|) ]
+
+(p_k's relative error times h_k and H separately: torch's kl_div backward rounds exp(target) to the
+dtype while its log_softmax backward recomputes it in float32, so the two do not cancel; log p_k
+and log q_k's absolute errors inside h_k; the same errors summed into H), with
+``U = c_kernel max(u_in, u_compute) + n_sum(C) u_acc + c_oracle u_64``: ``c_kernel`` roundings of
+the backward pass, each relative to the magnitudes it combines; ``n_sum(C)`` those of the class
+sum, which the backward kernels do not sum pairwise (``class_sum_roundings``); the float64
+reference's own roundings. Floors: a probability below the input
+dtype's smallest normal number carries an absolute error up to eta/2 instead (the same terms with
+eta/2 in place of ``u rho P``), every backward rounding can flush to a subnormal
+(``c_kernel eta/2 max(1, 1/T)``, the 1/T for roundings before the division by T; eta/2 becomes
+the smallest normal number N where a framework flushes subnormals to zero, ``FLUSH_TO_ZERO``), and a scale c
+below the compute dtype's smallest normal number (float16 'mean' over many elements) is itself
+rounded by up to eta_c/2 absolute, a relative error eta_c / (2c) of the whole gradient.
 """
 
 from __future__ import annotations
@@ -62,6 +96,27 @@ TABLE: Final[dict[tuple[str, str], Row]] = {
     ("tensorflow", "float16"): Row(2, 3, "float32", "softmax in float16, then KLDivergence upcasts to "
                               "floatx() = float32 by default: kernel and sum at float32"),
     ("tensorflow", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 softmax, float32 kernel"),
+    ("jax", "float16"): Row(2, 3, "float32", "jax.nn and the losses round each elementwise op to float16; "
+                            "jnp.sum (log-sum-exp and the class sum) upcasts float16 to float32 "
+                            "(upcast_f16_for_computation) and rounds the sum once"),
+    ("jax", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sums"),
+    # Gradient rows (``grad_budget``): c_in as in the forward rows (the same softmax stage);
+    # c_kernel counts the backward pass's roundings per element, relative to the magnitudes it
+    # combines (see the module docstring).
+    ("grad:*", "float64"): Row(2, 10, "float64", "torch backward: scale c, -target*c, exp(log q), "
+                               "times the class sum, difference, /T (6, student); log t, +1, t/t, "
+                               "-input, softmax backward (product, difference, product), /T (10, teacher)"),
+    ("grad:*", "float32"): Row(2, 10, "float32", "same operation count as float64, float32 roundoff"),
+    ("grad:torch", "float16"): Row(2, 10, "float32", "backward ops rounded to float16 on CPU, class sums "
+                                   "in float32 (acc_type)"),
+    ("grad:torch", "bfloat16"): Row(2, 10, "float32", "as float16: bfloat16 ops, float32 class sums"),
+    ("grad:tensorflow", "float64"): Row(2, 13, "float64", "Keras backward through TF ops: y_true/y_pred, "
+                                        "log, reciprocal, two products, (-y_true/y_pred)/y_pred (2), "
+                                        "product, cast, softmax backward (3), /T"),
+    ("grad:tensorflow", "float32"): Row(2, 13, "float32", "as float64, float32 roundoff"),
+    ("grad:tensorflow", "float16"): Row(2, 13, "float32", "loss backward in the compute dtype, cast to "
+                                        "float16, softmax backward in float16 with float32 sums"),
+    ("grad:tensorflow", "bfloat16"): Row(2, 13, "float32", "as float16, bfloat16 softmax backward"),
 }
 
 #: Roundings per element of the float64 oracle (log_softmax: divide, shift, exp, log; phi-form: 2).
@@ -105,6 +160,10 @@ class Budget:
         return np.asarray((self.coeff_elem + log2n * self.u_sum) * scale + floor, dtype=np.float64)
 
 
+def _finite_or_zero(x: F64) -> F64:
+    return np.where(np.isfinite(x), x, 0.0)
+
+
 def _abs_log(x: F64) -> F64:
     with np.errstate(divide="ignore"):
         return np.abs(np.log(x))
@@ -137,30 +196,314 @@ def budget(
         mt = np.max(np.where(np.isfinite(zt), np.abs(zt), 0.0), axis=-1, keepdims=True)
         ms = np.max(np.where(np.isfinite(zs), np.abs(zs), 0.0), axis=-1, keepdims=True)
         log2c = math.log2(max(p.shape[-1], 2))
-        lp = np.abs(log_p) if log_p is not None else _abs_log(p)
-        lq = np.abs(log_q) if log_q is not None else _abs_log(q)
+        lp = _finite_or_zero(np.abs(log_p) if log_p is not None else _abs_log(p))
+        lq = _finite_or_zero(np.abs(log_q) if log_q is not None else _abs_log(q))
+        # a -inf logit (a masked class, a one-hot target) contributes no rounding error of its own
+        zt_a, zs_a = _finite_or_zero(np.abs(zt)), _finite_or_zero(np.abs(zs))
         # relative error of p_j itself (it is exp of a rounded z_j - m), which multiplies the
         # log-ratio of its own term: p_j * rho_j * |log p_j - log q_j|.
-        rho = np.abs(zt) + mt + log2c + 1.0
+        rho = zt_a + mt + log2c + 1.0
         with np.errstate(invalid="ignore", divide="ignore"):
             lpv = log_p if log_p is not None else np.log(p)
             lqv = log_q if log_q is not None else np.log(q)
-            log_ratio = np.abs(lpv - lqv)
-        weight = lp + lq + np.abs(zt) + np.abs(zs) + mt + ms + log2c + 1.0 + rho * log_ratio
-        elem = np.where((p > 0) & np.isfinite(weight), p * weight, 0.0)
-        eta = d_in.smallest_subnormal
-        sub_p = np.where(p < d_in.smallest_normal, 0.5 * eta * (1.0 + _abs_log(np.maximum(p, eta)) + lq), 0.0)
-        sub_q = np.where(
-            student_is_probability & (q < d_in.smallest_normal),
-            p * 0.5 * eta / np.maximum(q, eta),
-            0.0,
-        )
-        floor = np.where(np.isfinite(sub_p), sub_p, 0.0) + np.where(np.isfinite(sub_q), sub_q, 0.0)
+            log_ratio = _finite_or_zero(np.abs(lpv - lqv))
+        weight = lp + lq + zt_a + zs_a + mt + ms + log2c + 1.0 + rho * log_ratio
+        elem = np.where(p > 0, p * weight, 0.0)
+        # Below the smallest normal number N an operation is off by up to eta/2 (eta: smallest
+        # subnormal; eta itself for float64, where eta/2 is not representable), or by N where the
+        # framework flushes subnormals to zero. Each of the c_in + c_kernel operations on p_j or on
+        # its term can round there; the error of p_j is weighted by its log-ratio like above.
+        tiny = d_in.smallest_normal
+        eta = tiny if (framework, input_dtype) in FLUSH_TO_ZERO else d_in.smallest_subnormal
+        ops = row.c_in + row.c_kernel
+        sub_p = np.where(p < tiny, (1.0 + _abs_log(np.maximum(p, eta)) + lq + log_ratio) * ops * eta, 0.0)
+        sub_q = np.where(student_is_probability & (q < tiny), p * (eta / np.maximum(q, eta)), 0.0)
+        floor = _finite_or_zero(sub_p) + _finite_or_zero(sub_q)
     coeff = row.c_in * d_in.unit_roundoff + row.c_kernel * d_c.unit_roundoff + ORACLE_ROUNDINGS * u64
-    u_sum = max(d_acc.unit_roundoff, d_c.unit_roundoff if d_c.name == "float64" else 0.0) + u64
+    # float16/bfloat16 kernels sum in the row's accumulator (float32, measured); a float32 or float64
+    # kernel sums in its own compute dtype (Keras computing float64 inputs in float32 sums in float32)
+    reduced = d_c.name in ("float16", "bfloat16")
+    u_sum = (d_acc.unit_roundoff if reduced else max(d_acc.unit_roundoff, d_c.unit_roundoff)) + u64
     reason = (
         f"error model: ({row.c_in:g} u_{d_in.name} + {row.c_kernel:g} u_{d_c.name} + "
         f"{ORACLE_ROUNDINGS:g} u_float64 + log2(n) (u_{d_acc.name} + u_float64)) * sum_j e_j "
         f"+ subnormal floor; row ({framework}, {input_dtype}): {row.reason}"
     )
     return Budget(np.asarray(elem, np.float64), np.asarray(floor, np.float64), coeff, u_sum, reason)
+
+
+# ------------------------------------------------------------------------------------ gradients
+
+
+#: (framework, dtype) pairs whose CPU kernels flush subnormal results (and inputs) to zero. Measured:
+#: TensorFlow runs with FTZ/DAZ set, so float32 softmax(0, -88) gives exactly 0 and
+#: 1e-30 * 1e-10 gives 0 (bfloat16 is computed in float32, float64 shares the SSE mode); its float16
+#: arithmetic is emulated and keeps subnormals (1e-3 * 1e-3 gives 1.01e-6). There a value below the
+#: smallest normal number N is off by up to N, not by half the smallest subnormal.
+FLUSH_TO_ZERO: Final = frozenset({("tensorflow", "float32"), ("tensorflow", "bfloat16"), ("tensorflow", "float64")})
+
+
+def subnormal_error(framework: str, dtype: str) -> float:
+    """Absolute error of one rounding below the smallest normal number: eta/2, or N when flushed.
+
+    For float64, eta/2 itself rounds to 0 in float64, so eta stands in for it.
+    """
+    info = dtype_info(dtype)
+    if (framework, dtype) in FLUSH_TO_ZERO:
+        return info.smallest_normal
+    return 0.5 * info.smallest_subnormal or info.smallest_subnormal
+
+
+def same_sum(dtype: str, n: int, abs_sum: float) -> float:
+    """Largest difference between two evaluations of one sum of n terms in ``dtype`` (then one division).
+
+    The pinned facts (``klparity.pinned``) tell which formula a framework applies by recomputing the
+    candidates from its own unreduced output: the framework and NumPy sum the same terms in different
+    orders, at most log2(n) + 1 roundings apart (pairwise / cascade sums), plus the division: each
+    rounding relative to the sum of |terms| ``abs_sum``.
+    """
+    return (math.log2(max(n, 2)) + 2.0) * dtype_info(dtype).unit_roundoff * abs_sum
+
+
+#: Lanes of the vectors torch's CPU softmax / log_softmax backward accumulates a row sum in (AVX2
+#: float32; AVX-512's 16 lanes only halve the sequential part, CUDA's block reductions are trees).
+TORCH_SUM_LANES: Final = 8
+
+
+def class_sum_roundings(framework: str, n: int) -> float:
+    """Roundings (first order, relative to the sum of |terms|) of a backward kernel's sum over n classes.
+
+    torch's CPU kernels reduce a row with ``vec::reduce_all``: sequentially over vectors of
+    ``TORCH_SUM_LANES`` lanes, then a tree over the lanes, so ceil(n / 8) + 3 roundings, not log2 n
+    (measured: a uniform target over 32000 classes puts a 2e-5 relative error on the float32 sum).
+    Others are taken as pairwise: log2 n + 1.
+    """
+    if framework == "torch":
+        return math.ceil(n / TORCH_SUM_LANES) + math.log2(TORCH_SUM_LANES)
+    return math.log2(max(n, 2)) + 1.0
+
+
+def grad_table_row(framework: str, dtype: str) -> Row:
+    """The gradient row for (framework, dtype): ``("grad:<framework>", dtype)``, else ``("grad:*", dtype)``."""
+    dtype_info(dtype)
+    row = TABLE.get((f"grad:{framework}", dtype)) or TABLE.get(("grad:*", dtype))
+    if row is None:
+        raise KeyError(f"no gradient tolerance row for framework {framework!r}, dtype {dtype!r}")
+    return row
+
+
+@dataclass(frozen=True)
+class GradBudget:
+    """Per-element gradient tolerances of one case at reduction scale 1, and how they scale."""
+
+    student_scale: F64  #: (1/T) * first-order bound of d/ds_k, incl. subnormal inputs
+    teacher_scale: F64  #: the same for d/dt_k
+    student_size: F64  #: (1/T) (P_k + q_k S): the magnitudes a rounded scale multiplies
+    teacher_size: F64  #: (1/T) p_k (|h_k| + |H|)
+    student_terms: tuple[F64, F64]  #: (P_j, q_k / T): the class sum of c P_j, times q_k
+    teacher_terms: tuple[F64, F64]  #: (p_j |h_j|, p_k / T): the class sum of c p_j h_j, times p_k
+    flush: float  #: c_kernel eta/2 max(1, 1/T): backward roundings into subnormals (N if flushed)
+    tiny: float  #: error of one rounding below the input dtype's smallest normal number
+    normal: float  #: the input dtype's smallest normal number
+    compute: str  #: dtype the scale c is rounded in
+    reason: str
+
+    def _scaled(self, first_order: F64, size: F64, terms: tuple[F64, F64], scale: float) -> F64:
+        info = dtype_info(self.compute)
+        coarse = info.smallest_subnormal / (2.0 * scale) if 0.0 < scale < info.smallest_normal else 0.0
+        # summands c x_j of a class sum that fall below the smallest normal number: each is off by
+        # up to min(c x_j, tiny) (rounded to 0 or to the subnormal grid), all in the same direction
+        # at worst; they matter once c is small (float16 'mean' over 64000 elements)
+        x, factor = terms
+        small = scale * x
+        lost = np.sum(np.where(small < self.normal, np.minimum(small, self.tiny), 0.0), axis=-1, keepdims=True)
+        return np.asarray(scale * first_order + self.flush + scale * coarse * size + factor * lost, np.float64)
+
+    def student(self, scale: float) -> F64:
+        """Tolerance of each d(loss)/d(student logit) for a reduction of scale ``scale``."""
+        return self._scaled(self.student_scale, self.student_size, self.student_terms, scale)
+
+    def teacher(self, scale: float) -> F64:
+        """Tolerance of each d(loss)/d(teacher logit) for a reduction of scale ``scale``."""
+        return self._scaled(self.teacher_scale, self.teacher_size, self.teacher_terms, scale)
+
+
+def grad_budget(
+    *,
+    framework: str,
+    input_dtype: str,
+    compute_dtype: str,
+    temperature: float,
+    weight: F64,
+    p: F64,
+    q: F64,
+    h: F64,
+    zt: F64,
+    zs: F64,
+    log_p: F64,
+    log_q: F64,
+    student_is_probability: bool,
+) -> GradBudget:
+    """Gradient error budget of one case (see the module docstring for the derivation).
+
+    ``weight``: P_k, the target weight the student gradient subtracts; ``p``/``q``: float64 target
+    and student probabilities; ``h``: the pointwise loss's derivative in the target (finite where
+    p > 0); ``zt``/``zs``: logits / T; ``log_p``/``log_q``: float64 log-probabilities (finite where
+    p, q underflow); ``student_is_probability``: the API takes q (Keras), so a subnormal q_k also
+    costs log q_k an absolute error eta / (2 q_k).
+    """
+    row = grad_table_row(framework, input_dtype)
+    d_in, d_c, d_acc = dtype_info(input_dtype), dtype_info(compute_dtype), dtype_info(row.accumulate)
+    u64 = DTYPES["float64"].unit_roundoff
+    log2c = math.log2(max(p.shape[-1], 2))
+    inv_t = 1.0 / temperature
+    u_in = row.c_in * d_in.unit_roundoff
+    u_kernel = row.c_kernel * max(d_in.unit_roundoff, d_c.unit_roundoff)
+    n_sum = class_sum_roundings(framework, p.shape[-1])
+    u_k = u_kernel + n_sum * d_acc.unit_roundoff + ORACLE_ROUNDINGS * u64
+    tiny, normal = subnormal_error(framework, input_dtype), d_in.smallest_normal
+
+    def rho(z: F64, lv: F64) -> F64:
+        with np.errstate(invalid="ignore"):
+            fin = np.isfinite(z)
+            m = np.max(np.where(fin, np.abs(z), 0.0), axis=-1, keepdims=True)
+            return np.asarray(np.where(fin & np.isfinite(lv), np.abs(z) + m + np.abs(lv) + log2c + 1.0, 0.0))
+
+    def rowsum(x: F64) -> F64:
+        return np.asarray(np.sum(x, axis=-1, keepdims=True), np.float64)
+
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        rt, rs = rho(zt, log_p), rho(zs, log_q)
+        pw = np.where(weight > 0, weight, 0.0)
+        pp = np.where(p > 0, p, 0.0)
+        qq = np.where(q > 0, q, 0.0)
+        s_tot = rowsum(pw)
+        sub_w = (pw > 0) & (pw < normal)
+        sub_q = (qq > 0) & (qq < normal)
+        # student: P_k and q_k S with their softmax-stage errors, plus the kernel's roundings
+        # the probabilities multiply last: u * p underflows float64 for subnormal p
+        first_s = pw * (u_in * rt + u_k) + qq * (u_in * (s_tot * rs + rowsum(pw * rt)) + u_k * s_tot)
+        floor_s = tiny * (sub_w + s_tot * sub_q + qq * rowsum(sub_w.astype(np.float64)))
+        # teacher: p_k (h_k - H)
+        hh = np.where((pp > 0) & np.isfinite(h), h, 0.0)
+        big_h = rowsum(pp * hh)
+        ah, dh = np.abs(hh), np.abs(hh - big_h)
+        # p_k's error multiplies h_k and H separately: torch's kl_div backward rounds exp(target) to
+        # the dtype while log_softmax's backward recomputes it in float32, so the two do not cancel
+        first_t = pp * (
+            u_in * (rt * (ah + np.abs(big_h) + 1.0) + rs + rowsum(pp * (rt * (ah + 1.0) + rs)))
+            + u_k * (ah + dh + rowsum(pp * ah))
+        )
+        sub_p = (pp > 0) & (pp < normal)
+        floor_t = tiny * (sub_p * (ah + np.abs(big_h) + 1.0) + pp * rowsum(sub_p * (ah + 1.0)))
+        if student_is_probability:  # log of a subnormal probability: absolute error eta / (2 q)
+            inv_q = np.where(sub_q, 1.0 / np.maximum(qq, d_in.smallest_subnormal), 0.0)
+            floor_t = floor_t + tiny * pp * (inv_q + rowsum(pp * inv_q))
+        student_scale = np.where(np.isfinite(first_s + floor_s), first_s + floor_s, 0.0) * inv_t
+        teacher_scale = np.where(np.isfinite(first_t + floor_t), first_t + floor_t, 0.0) * inv_t
+        student_size = (pw + qq * s_tot) * inv_t
+        teacher_size = pp * (ah + np.abs(big_h)) * inv_t
+    flush = row.c_kernel * max(tiny, subnormal_error(framework, compute_dtype)) * max(1.0, inv_t)
+    coarser = d_in if d_in.unit_roundoff >= d_c.unit_roundoff else d_c
+    reason = (
+        f"gradient error model: (c/T) [{row.c_in:g} u_{d_in.name} (P_k rho^t_k + q_k (S rho^s_k + "
+        f"sum_j P_j rho^t_j)) + ({row.c_kernel:g} u_{coarser.name} + {n_sum:g} u_{d_acc.name} (class sum) + "
+        f"{ORACLE_ROUNDINGS:g} u_float64) (P_k + q_k S)] for d/ds (teacher: "
+        f"the same for p_k (h_k - H)) + subnormal floors; row (grad:{framework}, {input_dtype}): {row.reason}"
+    )
+    return GradBudget(
+        np.asarray(student_scale, np.float64), np.asarray(teacher_scale, np.float64),
+        np.asarray(student_size, np.float64), np.asarray(teacher_size, np.float64),
+        (np.asarray(pw, np.float64), np.asarray(qq * inv_t, np.float64)),
+        (np.asarray(pp * ah, np.float64), np.asarray(pp * inv_t, np.float64)),
+        flush, tiny, normal, compute_dtype, reason,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------ references vs the mpmath goldens
+# The goldens (``klparity.goldens``) hold KL rows and gradients computed with mpmath at 60 digits
+# and rounded to float64 once, so their own error is at most half an ulp: every bound below is the
+# error of the float64 or framework computation being judged, nothing else.
+
+#: Relative accuracy the float64 oracle must reach on every finite golden KL row (the issue's
+#: target). It holds by a wide margin wherever KL is not small: the phi-form sum has no cancellation.
+GOLDEN_ORACLE_REL: Final = 1e-13
+
+#: Roundings that reach each log-probability of the float64 oracle, relative to the weight
+#: |z_j| + |m| + |log p_j| + log2 C + 1 (the shift by the row max and the division by T, then the
+#: subtraction of the log-sum-exp); the same count bounds softmax(x / T) in the gradient.
+GOLDEN_LOGPROB_ROUNDINGS: Final = 2.0
+
+#: Roundings of the gradient that can land below the smallest normal number before the division by
+#: T (p_j, q_j, and q_j times the sum of the incoming gradient in softmax's backward), where each
+#: loses up to half the smallest subnormal eta absolutely; the division by T is one more.
+GOLDEN_GRADIENT_SUBNORMAL_ROUNDINGS: Final = 3.0
+
+
+def _weights(lp: F64, lq: F64, zt: F64, zs: F64) -> tuple[F64, F64]:
+    """rho^t_j, rho^s_j = |z_j| + |max z| + |log p_j| + log2 C + 1 (0 where the class is -inf)."""
+    log2c = math.log2(max(zt.shape[-1], 2))
+    out = []
+    for z, lv in ((zt, lp), (zs, lq)):
+        with np.errstate(invalid="ignore"):
+            fin = np.isfinite(z)
+            m = np.max(np.where(fin, np.abs(z), 0.0), axis=-1, keepdims=True)
+            rho = np.where(fin & np.isfinite(lv), np.abs(z) + m + np.abs(lv) + log2c + 1.0, 0.0)
+        out.append(np.asarray(rho, np.float64))
+    return out[0], out[1]
+
+
+def oracle_vs_golden(reference: F64, lp: F64, lq: F64, zt: F64, zs: F64) -> F64:
+    """Per-row bound on |oracle.kl_from_logits - golden KL|.
+
+    ``GOLDEN_ORACLE_REL * |KL|`` plus an absolute floor for KL near 0: the oracle sums
+    q_j phi(p_j / q_j) = q_j psi(d_j) with d_j = log p_j - log q_j, whose derivative in d_j is
+    p_j d_j; each d_j carries an absolute error of at most ``GOLDEN_LOGPROB_ROUNDINGS`` u_float64
+    (rho^t_j + rho^s_j). So the floor is ``2 u64 sum_j p_j |d_j| (rho^t_j + rho^s_j)``: it vanishes
+    as p -> q (identical rows must come out exactly 0) and is ~ sqrt(KL) u64 |z| otherwise. Errors
+    in q_j itself change q_j psi(d_j) only relatively (second order in d), inside the relative term.
+    """
+    rho_t, rho_s = _weights(lp, lq, zt, zs)
+    u64 = DTYPES["float64"].unit_roundoff
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(lp)
+        d = np.where(np.isfinite(lp) & np.isfinite(lq), np.abs(lp - lq), 0.0)
+        floor = GOLDEN_LOGPROB_ROUNDINGS * u64 * np.sum(p * d * (rho_t + rho_s), axis=-1)
+        return np.asarray(GOLDEN_ORACLE_REL * np.abs(reference) + floor, np.float64)
+
+
+def golden_gradient(dtype: str, temperature: float, p: F64, q: F64, lp: F64, lq: F64, zt: F64, zs: F64) -> F64:
+    """Elementwise bound on the error of (softmax(s/T) - softmax(t/T)) / T computed in ``dtype``.
+
+    p_j = exp(log p_j) inherits the absolute error of log p_j as a relative one, at most
+    ``GOLDEN_LOGPROB_ROUNDINGS`` u rho^t_j (likewise q_j); the subtraction and the division by T add
+    one rounding each, 2 u |q_j - p_j|. Below the dtype's smallest normal number a rounding loses up
+    to half its smallest subnormal eta absolutely: ``GOLDEN_GRADIENT_SUBNORMAL_ROUNDINGS`` of them
+    before the division by T where p_j or q_j is subnormal, and the division itself where the
+    result is.
+    """
+    info = dtype_info(dtype)
+    rho_t, rho_s = _weights(lp, lq, zt, zs)
+    rel = GOLDEN_LOGPROB_ROUNDINGS * info.unit_roundoff * (p * rho_t + q * rho_s)
+    half_eta = 0.5 * info.smallest_subnormal
+    with np.errstate(invalid="ignore"):
+        before = np.where((p < info.smallest_normal) | (q < info.smallest_normal),
+                          GOLDEN_GRADIENT_SUBNORMAL_ROUNDINGS * half_eta, 0.0)  # fmt: skip
+        after = np.where(np.abs(q - p) / temperature < info.smallest_normal, half_eta, 0.0)
+        total = (rel + 2.0 * info.unit_roundoff * np.abs(q - p) + before) / temperature + after
+    return np.asarray(total, np.float64)
+
+
+# ------------------------------------------------------------------- upgrade gate (klparity compare)
+
+#: ``klparity compare`` blocks an upgrade when a matrix row's headroom (tolerance / error =
+#: 1 / tightness) shrinks by more than this factor. CPU kernels are deterministic, so an unchanged
+#: implementation reproduces its tightness exactly; a faithful rewrite (another summation order or
+#: vector width) moves an error by well under 2x, since the rounding counts of the error model stay
+#: the same. 4x is two bits of the budget lost: the kernel does materially less accurate arithmetic
+#: (an accumulator narrowed, a stable formula replaced), which is worth a human look before merging.
+HEADROOM_SHRINK_FACTOR: Final = 4.0
+
+#: ...unless the row still uses less than this fraction of its tolerance afterwards: a float64 error
+#: going from 1e-4 to 1e-3 of its budget is a few ulps moving and leaves 1000x headroom.
+HEADROOM_IGNORE_BELOW: Final = 0.01

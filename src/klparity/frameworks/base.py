@@ -55,6 +55,25 @@ class Output:
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class GradOutput:
+    """Gradients of one reduction of a KL API with respect to the logits, widened to float64.
+
+    ``student`` / ``teacher`` are d(loss)/d(student logits) and d(loss)/d(teacher logits) (``teacher``
+    is None where the API stops gradients to its target); an unreduced loss is differentiated as its
+    sum. ``seen_target`` / ``seen_input`` are the two arguments exactly as the API received them
+    (torch: target and input; Keras: y_true and y_pred), widened: the discrete decisions of the API's
+    formula (a zero target, Keras's clip) are judged on these, the values on the exact inputs.
+    """
+
+    student: F64
+    teacher: F64 | None
+    dtype: str  #: dtype of the student gradient (the logits' dtype)
+    seen_target: F64
+    seen_input: F64
+    warnings: tuple[str, ...] = ()
+
+
 @dataclass
 class RuntimeSettings:
     """Per-process settings applied when a framework is first imported (set before that import)."""
@@ -132,3 +151,20 @@ class Adapter(ABC):
         layout: str,
     ) -> dict[str, Output]:
         """Evaluate every reduction of ``api``; see the class docstring."""
+
+    def run_grad(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, GradOutput]:
+        """Like ``run``, but return each reduction's gradients w.r.t. the teacher and student logits.
+
+        The logits are the leaves: temperature, (log-)softmax and layout happen inside the recorded
+        computation, as in a distillation step. Optional: the default raises ``NotImplementedError``
+        and the gradient checks skip the framework.
+        """
+        raise NotImplementedError(f"the {self.name} adapter does not compute gradients yet")

@@ -1,10 +1,11 @@
-"""JAX adapter: ``optax.losses.kl_divergence`` (probability and log targets) and ``jax.scipy.special.rel_entr``.
+"""JAX adapter: optax's ``kl_divergence`` / ``kl_divergence_with_log_targets``, ``jax.scipy.special.rel_entr``.
 
 The student goes in as ``jax.nn.log_softmax(s / T)``; the target as ``jax.nn.softmax(t / T)``
 (``kl_divergence``), ``jax.nn.log_softmax(t / T)`` (``kl_divergence_with_log_targets``), or both as
 ``jax.nn.softmax`` probabilities summed over the class axis (``rel_entr``), all computed by JAX in
-the tested dtype on the tested device. None of them reduces over the batch: the single reduction
-label ``"none"`` means one value per row.
+the tested dtype on the tested device, inside one ``jax.jit`` per API as a training step runs it
+(one compilation per shape and dtype: the temperature is a traced argument). None of them reduces
+over the batch: the single reduction label ``"none"`` means one value per row.
 
 float64 exists in JAX only with ``jax_enable_x64``; without it ``jnp.asarray`` silently truncates
 float64 to float32. The adapter enables it with the thread-local ``jax.enable_x64(True)`` context
@@ -16,9 +17,10 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,6 +42,7 @@ class JaxAdapter(Adapter):
     extra = "jax"
     dtypes = ("float16", "bfloat16", "float32", "float64")
     _mods: tuple[ModuleType, ModuleType] | None = None
+    _losses: ClassVar[dict[str, Callable[[Any, Any, float], Any]]] = {}
 
     def available(self) -> bool:
         """JAX and optax both installed (the ``jax`` extra installs both)."""
@@ -90,6 +93,31 @@ class JaxAdapter(Adapter):
     def compute_dtype(self, api: Api, dtype: str) -> str:
         return dtype  # float64 only because run() enables x64 for it
 
+    def _loss(self, entry: str) -> Callable[[Any, Any, float], Any]:
+        """The jitted loss of one API, as a distillation training step runs it.
+
+        ``temperature`` is a traced Python float, hence weakly typed: ``x / T`` keeps the logits' dtype,
+        and one compilation serves every temperature of a shape and dtype.
+        """
+        if entry not in JaxAdapter._losses:
+            jax, optax = self._jax()
+            jnp, nn = jax.numpy, jax.nn
+
+            def loss(t: Any, s: Any, temperature: float) -> Any:
+                log_q = nn.log_softmax(s / temperature, axis=-1)
+                if entry == KL:
+                    return optax.losses.kl_divergence(log_q, nn.softmax(t / temperature, axis=-1))
+                if entry == KL_LOG_TARGETS:
+                    log_p = nn.log_softmax(t / temperature, axis=-1)
+                    return optax.losses.kl_divergence_with_log_targets(log_q, log_p)
+                if entry == REL_ENTR:
+                    p, q = nn.softmax(t / temperature, axis=-1), nn.softmax(s / temperature, axis=-1)
+                    return jnp.sum(jax.scipy.special.rel_entr(p, q), axis=-1)
+                raise ValueError(f"unknown JAX API {entry!r}")
+
+            JaxAdapter._losses[entry] = jax.jit(loss)
+        return JaxAdapter._losses[entry]
+
     @staticmethod
     def x64(jax: ModuleType, dtype: str) -> AbstractContextManager[Any]:
         """``jax.enable_x64(True)`` for float64 (thread-local, undone on exit), else nothing."""
@@ -106,26 +134,15 @@ class JaxAdapter(Adapter):
     ) -> dict[str, Output]:
         if layout != "contiguous":
             raise ValueError("JAX arrays have no user-visible memory layout")
-        jax, optax = self._jax()
-        jnp, nn = jax.numpy, jax.nn
+        jax, _ = self._jax()
         dtype = str(teacher.dtype)
         with self.x64(jax, dtype), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # recorded and reported by the check, not raised here
             dev = self._device(device)
-            # the NumPy arrays already hold dtype (bfloat16 via ml_dtypes, which JAX uses too)
+            # The NumPy arrays already hold dtype (bfloat16 via ml_dtypes, which JAX uses too). Without
+            # x64, device_put would silently make float64 float32: the result dtype check catches that.
             t, s = jax.device_put(teacher, dev), jax.device_put(student, dev)
-            if str(t.dtype) != dtype or str(s.dtype) != dtype:
-                raise RuntimeError(f"JAX converted {dtype} logits to {t.dtype}")
-            log_q = nn.log_softmax(s / temperature, axis=-1)
-            if api.entry == KL:
-                res = optax.losses.kl_divergence(log_q, nn.softmax(t / temperature, axis=-1))
-            elif api.entry == KL_LOG_TARGETS:
-                res = optax.losses.kl_divergence_with_log_targets(log_q, nn.log_softmax(t / temperature, axis=-1))
-            elif api.entry == REL_ENTR:
-                p, q = nn.softmax(t / temperature, axis=-1), nn.softmax(s / temperature, axis=-1)
-                res = jnp.sum(jax.scipy.special.rel_entr(p, q), axis=-1)
-            else:
-                raise ValueError(f"unknown JAX API {api.entry!r}")
+            res = self._loss(api.entry)(t, s, temperature)
             value = np.asarray(res).astype(np.float64)
             res_dtype = str(res.dtype)
         return {"none": Output(value=value, dtype=res_dtype, warnings=tuple(str(w.message) for w in caught))}

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import RUNTIME, Adapter, Api, Output
+from klparity.frameworks.base import RUNTIME, Adapter, Api, GradOutput, Output
 
 REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight", "default")
 LOSS_CLASS = "keras.losses.KLDivergence"
@@ -115,5 +115,49 @@ class KerasAdapter(Adapter):
                 out[red] = Output(
                     value=np.asarray(res.numpy()).astype(np.float64),
                     dtype=res.dtype.name,
+                )
+        return out
+
+    def run_grad(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, GradOutput]:
+        """Each reduction's gradients w.r.t. both logits (``tf.GradientTape``; 'none' differentiates the sum)."""
+        if layout != "contiguous":
+            raise ValueError("TensorFlow tensors have no user-visible memory layout")
+        tf = self._tf()
+        import keras
+
+        dtype = str(teacher.dtype)
+        out: dict[str, GradOutput] = {}
+        with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
+            t = tf.cast(tf.constant(teacher.astype(np.float64)), dtype)
+            s = tf.cast(tf.constant(student.astype(np.float64)), dtype)
+            for red in api.reductions:
+                with tf.GradientTape() as tape:
+                    tape.watch([t, s])
+                    y_true = tf.nn.softmax(t / temperature, axis=-1)
+                    y_pred = tf.nn.softmax(s / temperature, axis=-1)
+                    if api.entry == LOSS_FUNCTION:
+                        res = keras.losses.kl_divergence(y_true, y_pred)
+                    else:
+                        kwargs: dict[str, Any] = dict(api.options)
+                        if red != "default":
+                            kwargs["reduction"] = red
+                        res = keras.losses.KLDivergence(**kwargs)(y_true, y_pred)
+                g_t, g_s = tape.gradient(res, [t, s])
+                if g_s is None:
+                    raise RuntimeError(f"{api.id} returned no gradient w.r.t. y_pred")
+                out[red] = GradOutput(
+                    student=np.asarray(g_s.numpy()).astype(np.float64),
+                    teacher=None if g_t is None else np.asarray(g_t.numpy()).astype(np.float64),
+                    dtype=g_s.dtype.name,
+                    seen_target=np.asarray(y_true.numpy()).astype(np.float64),
+                    seen_input=np.asarray(y_pred.numpy()).astype(np.float64),
                 )
         return out

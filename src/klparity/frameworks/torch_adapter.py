@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import RUNTIME, Adapter, Api, Output
+from klparity.frameworks.base import RUNTIME, Adapter, Api, GradOutput, Output
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "default")
 ENTRIES = ("torch.nn.KLDivLoss", "torch.nn.functional.kl_div")
@@ -114,6 +114,50 @@ class TorchAdapter(Adapter):
             out[red] = Output(
                 value=res.detach().to("cpu", torch.float64).numpy(),
                 dtype=str(res.dtype).removeprefix("torch."),
+                warnings=tuple(str(w.message) for w in caught),
+            )
+        return out
+
+    def run_grad(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+    ) -> dict[str, GradOutput]:
+        """Each reduction's gradients w.r.t. both logits (``autograd.grad``; 'none' differentiates the sum)."""
+        torch = self._torch()
+        fn = torch.nn.functional
+        dev = "cuda" if device == "gpu" else "cpu"
+        tdtype = getattr(torch, str(teacher.dtype))
+        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
+        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
+        log_target = bool(api.option("log_target", False))
+        inp = relayout(fn.log_softmax(s / temperature, dim=-1), layout)
+        tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
+        tgt = relayout(tgt, layout)
+        seen_t = tgt.detach().to("cpu", torch.float64).numpy()
+        seen_i = inp.detach().to("cpu", torch.float64).numpy()
+        out: dict[str, GradOutput] = {}
+        for red in api.reductions:
+            kwargs: dict[str, Any] = {"log_target": log_target}
+            if red != "default":
+                kwargs["reduction"] = red
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if api.entry == "torch.nn.KLDivLoss":
+                    res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
+                else:
+                    res = fn.kl_div(inp, tgt, **kwargs)
+            g_s, g_t = torch.autograd.grad(res, (s, t), grad_outputs=torch.ones_like(res), retain_graph=True)
+            out[red] = GradOutput(
+                student=g_s.detach().to("cpu", torch.float64).numpy(),
+                teacher=None if g_t is None else g_t.detach().to("cpu", torch.float64).numpy(),
+                dtype=str(g_s.dtype).removeprefix("torch."),
+                seen_target=seen_t,
+                seen_input=seen_i,
                 warnings=tuple(str(w.message) for w in caught),
             )
         return out

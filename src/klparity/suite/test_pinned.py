@@ -1,0 +1,42 @@
+"""Pinned facts: each documented framework behaviour still holds (``klparity.pinned``), one test per fact."""
+
+from __future__ import annotations
+
+import pytest
+
+from klparity.frameworks import REGISTRY
+from klparity.pinned import FACTS, check
+
+pytestmark = pytest.mark.equivalence
+
+
+@pytest.mark.parametrize("name", list(FACTS))
+def test_pinned_fact(name: str) -> None:
+    """The probe's measurement equals the pinned value; otherwise the message says what changed, and where."""
+    f = FACTS[name]
+    if not REGISTRY[f.framework].available():
+        pytest.skip(REGISTRY[f.framework].missing_reason())
+    ok, _, message = check(f)
+    if not ok:
+        pytest.fail(message, pytrace=False)
+
+
+def test_a_fact_that_stops_holding_says_which_old_new_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inject a change (torch's default reduction becomes 'batchmean', silently): the message stands alone."""
+    if not REGISTRY["torch"].available():
+        pytest.skip(REGISTRY["torch"].missing_reason())
+    torch = pytest.importorskip("torch")
+    original = torch.nn.functional.kl_div
+
+    def batchmean_default(inp: object, tgt: object, *a: object, **k: object) -> object:
+        k.setdefault("reduction", "batchmean")
+        return original(inp, tgt, *a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "kl_div", batchmean_default)
+    ok, got, message = check(FACTS["torch.default_reduction_mean"])
+    assert not ok
+    # nn.KLDivLoss passes its own default ('mean') explicitly, so only the function changed
+    assert got.value["F.kl_div"] == "B" and got.value["nn.KLDivLoss"] == "numel"
+    for part in ("'torch.default_reduction_mean' NO LONGER HOLDS", f"torch {torch.__version__}", "pinned: ",
+                 "'F.kl_div': 'numel'", "now: ", "'F.kl_div': 'B'", "repro: python -m klparity.pinned"):  # fmt: skip
+        assert part in message, message
