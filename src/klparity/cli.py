@@ -1,4 +1,5 @@
-"""The ``klparity`` command: ``report`` (the verdict matrix outside pytest) and ``run-cell`` (a repro).
+"""The ``klparity`` command: ``report`` (the verdict matrix outside pytest), ``run-cell`` (a repro), ``check``
+(a user's distillation loss), and the other subcommands below.
 
 Exit status: 0 when every check passed, 1 when any failed, 2 for usage errors.
 """
@@ -6,6 +7,7 @@ Exit status: 0 when every check passed, 1 when any failed, 2 for usage errors.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +52,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     sel = _selection(args)
+    if args.html and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--html needs matplotlib: pip install 'klparity[report]'")
     console = Console(width=None if sys.stdout.isatty() else 200)
     results: list[dict[str, Any]] = []
     messages: list[str] = []
@@ -83,11 +87,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     console.print(f"{sum(r.checks for r in rows)} checks in {len(results) and sum(len(r.cells) for r in rows)} "
                   f"cells, {failed} failed, {skipped} cells skipped, {time.perf_counter() - start:.1f} s",
                   markup=False)  # fmt: skip
+    meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
+            "devices": sel.devices, "runner": "klparity report"}  # fmt: skip
     if args.json:
-        meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
-                "devices": sel.devices, "runner": "klparity report"}  # fmt: skip
         write_json(args.json, rows, results, meta)
         console.print(f"wrote {args.json}", markup=False)
+    if args.html:
+        from klparity.figures import write_html
+
+        pngs = write_html(args.html, rows, results, meta)
+        console.print(f"wrote {args.html} and {', '.join(p.name for p in pngs)} beside it", markup=False)
     return 1 if failed else 0
 
 
@@ -162,6 +171,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Check a user's distillation loss; 0 right, 1 wrong (with the diagnosis), 2 bad input."""
+    from klparity import diagnose
+
+    try:
+        conv = diagnose.Convention.parse(args.inputs, args.takes, args.expect, args.masked_vocab, args.temperature)
+        dtypes = grid.split_list(args.dtypes, diagnose.DEFAULT_DTYPES)
+        try:
+            ndims = tuple(int(n) for n in grid.split_list(args.ndim, ("2", "3")))
+        except ValueError:
+            raise diagnose.UsageError(f"--ndim takes a comma list of 2 and 3, got {args.ndim!r}") from None
+        fn, path = diagnose.load_target(args.target)
+        framework = diagnose.infer_framework(path, args.framework)
+        report = diagnose.check_loss(fn, framework, conv, dtypes=dtypes, ndims=ndims, target=args.target)
+    except diagnose.UsageError as e:
+        raise UsageError(str(e)) from None
+    print(report.text())
+    return 0 if report.ok else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="klparity", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -172,6 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--tier", default="quick", choices=("quick", "full"))
     rep.add_argument("--seed", default=0, type=int, help="shift every case seed")
     rep.add_argument("--json", default=None, metavar="PATH", help="also write the matrix as JSON")
+    rep.add_argument("--html", default=None, metavar="PATH", help="also write a self-contained HTML report (verdict "
+                     "table, environment, documented differences, figures) and its PNG figures next to it")  # fmt: skip
     rep.add_argument("--max-failures", default=20, type=int, help="failure messages to print")
     rep.set_defaults(func=cmd_report)
     one = sub.add_parser("run-cell", help="run one cell (the repro line of a failure message)")
@@ -199,6 +230,33 @@ def _parser() -> argparse.ArgumentParser:
     gold = sub.add_parser("goldens", help="regenerate or check the mpmath golden files (fixtures/goldens.*)")
     goldens.add_arguments(gold)
     gold.set_defaults(func=goldens.run)
+    chk = sub.add_parser("check", help="check a distillation loss against the exact KL; name the bug if it is wrong",
+                         description="Run FILE.py:FUNCTION (or module:function) on a grid of cases (float32, "
+                         "float64; (B, C) and (B, S, C); T 0.5, 1, 2, 4; masked classes; a NaN logit) and compare "
+                         "its value and its gradient w.r.t. the student logits with the exact float64 KL. Exit "
+                         "status 0: right; 1: wrong, with the known bug that explains the numbers; 2: bad "
+                         "input.")  # fmt: skip
+    chk.add_argument("target", metavar="FILE.py:FUNCTION", help="the loss: path/to/file.py:function or module:function")
+    chk.add_argument("--framework", default=None, choices=tuple(REGISTRY),
+                     help="default: the one framework the file imports (keras counts as tensorflow)")  # fmt: skip
+    chk.add_argument("--inputs", default="student_logits,teacher_logits,temperature",
+                     help="the function's positional arguments, in order: student_*, teacher_* and (unless "
+                          "--temperature is given) temperature (default: %(default)s)")  # fmt: skip
+    chk.add_argument("--takes", default="logits", choices=("logits", "probs", "log_probs"),
+                     help="what student and teacher are: raw logits, or softmax / log_softmax of logits / T "
+                          "(computed by the checker in the framework) (default: %(default)s)")  # fmt: skip
+    chk.add_argument("--expect", default="hinton",
+                     help="what it returns, a comma list: one reduction of the per-row KL(teacher‖student) -- "
+                          "mean (over all rows: B for (B, C), B·S tokens for (B, S, C)), batch (sum / B = "
+                          "shape[0], torch 'batchmean'), sum, per-token (no reduction) -- and t2 (times T², "
+                          "Hinton) or no-t2. hinton = mean,t2 (default: %(default)s)")  # fmt: skip
+    chk.add_argument("--masked-vocab", action="store_true",
+                     help="the logits can hold -inf (masked classes): NaN there is a failure, not a note")
+    chk.add_argument("--temperature", default=None, type=float,
+                     help="the fixed temperature of a loss that does not take one")
+    chk.add_argument("--dtypes", default="float32,float64", help="comma list (default: %(default)s)")
+    chk.add_argument("--ndim", default="2,3", help="input ranks: 2 = (B, C), 3 = (B, S, C) (default: %(default)s)")
+    chk.set_defaults(func=cmd_check)
     return p
 
 

@@ -37,10 +37,10 @@ from numpy.typing import NDArray
 from klparity import grid, oracle
 from klparity.cases import case_by_id
 from klparity.checks import TORCH_MEAN_WARNING, Cell, CheckResult, Exact, compare
-from klparity.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
+from klparity.dtypes import DTYPE_NAMES, round_to, widen
 from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, Adapter, Api
 from klparity.frameworks.base import GradOutput
-from klparity.tolerances import GradBudget, grad_budget
+from klparity.tolerances import GradBudget, grad_budget, same_sum
 
 F64 = NDArray[np.float64]
 
@@ -68,6 +68,10 @@ GRAD_DIFFERENCES: Final[dict[str, str]] = {
     "keras.clip_epsilon_gradient": "Keras clips y_pred (and y_true) to [1e-7, 1]; the clip's "
     "derivative is 0 outside, so a class with q < 1e-7 gets no gradient and the other classes are "
     "weighted by the clipped, unnormalised y_true: the gradient differs from (q - p)/T",
+    "keras.nan_teacher_hidden_by_clip": "a NaN teacher logit gives NaN y_true (TF's float32 softmax: at that "
+    "class only, 0 elsewhere), but where the student's probability at a NaN class is below 1e-7 the clip's "
+    "gradient is where(y_pred < eps, 0, g), which replaces the NaN by 0: the student gradient of that row is "
+    "finite (the loss itself is NaN) where the exact gradient is NaN",
     "keras.float16_gradient_overflow": "in float16, TF's division gradient (-y_true / y_pred) / y_pred "
     "(kl_divergence on float16 inputs), or the float32 gradient -y_true / y_pred cast back to float16 "
     "(KLDivergence), exceeds 65504: the gradient row is inf/NaN where the exact one is finite",
@@ -139,15 +143,18 @@ def torch_grads(
     return np.asarray(g_s / temperature, np.float64), np.asarray(g_t / temperature, np.float64)
 
 
-def _overflow(x: F64, dtype: str | None) -> F64:
-    """``x`` with every value beyond ``dtype``'s range replaced by +-inf (rounding to nearest)."""
-    if dtype is None or dtype == "float64":  # float64 overflows by itself
+def _rounded(x: F64, dtype: str | None) -> F64:
+    """``x`` rounded to ``dtype`` (to nearest; beyond its range to +-inf), widened back; None: as is."""
+    if dtype is None or dtype == "float64":
         return x
-    info = dtype_info(dtype)
-    # values at or above max + half an ulp of max round to inf
-    limit = info.max + info.unit_roundoff * 2.0 ** math.floor(math.log2(info.max))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return widen(round_to(x, dtype))
+
+
+def clip_passes(x: F64, epsilon: float) -> NDArray[np.bool_]:
+    """Where ``clip_by_value(x, eps, 1)`` passes the gradient: not (x < eps or x > 1), so also at NaN."""
     with np.errstate(invalid="ignore"):
-        return np.asarray(np.where(np.abs(x) >= limit, np.copysign(np.inf, x), x), np.float64)
+        return np.asarray(~((x < epsilon) | (x > 1.0)), np.bool_)
 
 
 def keras_grads(
@@ -170,28 +177,28 @@ def keras_grads(
     the gradient where eps <= x <= 1 and gives 0 elsewhere (``mask_*``, default from the inputs);
     softmax backward (g - sum g y) y, then / T. So with nothing overflowing, d/ds_k =
     scale (q_k S - t_k m_k) / T with m the clip's 0/1 derivative and S = sum_j t_j m_j.
-    ``compute`` / ``cast_to``: emulate overflow of each backward op in the compute dtype and of the
-    cast back to the input dtype (None: no overflow). A row holding a NaN gives NaN gradients.
+    ``compute`` / ``cast_to``: round each backward op to the compute dtype and the result to the input
+    dtype, as TF does, so that overflow to inf happens where it does (None: exact float64). NaN
+    follows TF: the clip keeps a NaN and passes its gradient (``clip_passes``), the clip of y_pred
+    zeroes it where y_pred < eps, so a NaN teacher class whose student probability is clipped leaves
+    the student gradient finite.
     """
-    mt = (y_true >= epsilon) & (y_true <= 1.0) if mask_true is None else mask_true
-    mp = (y_pred >= epsilon) & (y_pred <= 1.0) if mask_pred is None else mask_pred
+    mt = clip_passes(y_true, epsilon) if mask_true is None else mask_true
+    mp = clip_passes(y_pred, epsilon) if mask_pred is None else mask_pred
     # the clip's output: the value itself where it passes, else the bound it was cut to (given
     # masks come from the values Keras saw, which may sit on the other side of eps than these)
     t = np.where(mt, y_true, np.where(y_true > 1.0, 1.0, epsilon))
     u = np.where(mp, y_pred, np.where(y_pred > 1.0, 1.0, epsilon))
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        r = _overflow(t / u, compute)
-        g_r = _overflow(_overflow(scale * t, compute) * _overflow(1.0 / r, compute), compute)
-        g_u = _overflow(g_r * _overflow(_overflow(-t / u, compute) / u, compute), compute)
-        g_t = _overflow(scale * np.log(r) + _overflow(g_r / u, compute), compute)
-        g_pred = _overflow(np.where(mp, g_u, 0.0), cast_to)
-        g_true = _overflow(np.where(mt, g_t, 0.0), cast_to)
+        c = compute
+        r = _rounded(t / u, c)
+        g_r = _rounded(_rounded(scale * t, c) * _rounded(1.0 / r, c), c)
+        g_u = _rounded(g_r * _rounded(_rounded(-t / u, c) / u, c), c)
+        g_t = _rounded(_rounded(scale * _rounded(np.log(r), c), c) + _rounded(g_r / u, c), c)
+        g_pred = _rounded(np.where(mp, g_u, 0.0), cast_to)
+        g_true = _rounded(np.where(mt, g_t, 0.0), cast_to)
         g_s = (g_pred - _rowsum(g_pred * y_pred)) * y_pred
         g_tt = (g_true - _rowsum(g_true * y_true)) * y_true
-    # NaN anywhere in a row makes both gradient rows NaN (measured in every dtype; TF's clip of a
-    # NaN itself differs by dtype, so it is not followed op by op)
-    nan_rows = np.isnan(y_true).any(axis=-1, keepdims=True) | np.isnan(y_pred).any(axis=-1, keepdims=True)
-    g_s, g_tt = np.where(nan_rows, np.nan, g_s), np.where(nan_rows, np.nan, g_tt)
     return np.asarray(g_s / temperature, np.float64), np.asarray(g_tt / temperature, np.float64)
 
 
@@ -275,8 +282,7 @@ def _torch_model(api: Api, ex: Exact, dtype: str, compute: str, framework: str) 
 def _keras_model(api: Api, ex: Exact, out0: GradOutput, dtype: str, compute: str, framework: str) -> GradModel:
     eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
     seen_t, seen_q = widen(round_to(out0.seen_target, compute)), widen(round_to(out0.seen_input, compute))
-    mt = (seen_t >= eps) & (seen_t <= 1.0)
-    mp = (seen_q >= eps) & (seen_q <= 1.0)
+    mt, mp = clip_passes(seen_t, eps), clip_passes(seen_q, eps)
     g_s, g_t = keras_grads(ex.p, ex.q, ex.temperature, epsilon=eps, mask_true=mt, mask_pred=mp)
     t, u = np.where(mt, ex.p, eps), np.where(mp, ex.q, eps)  # the clipped values (see keras_grads)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -301,6 +307,8 @@ def _keras_model(api: Api, ex: Exact, out0: GradOutput, dtype: str, compute: str
         exact_ok = np.isfinite(exact_s) & np.isfinite(exact_t)
         if np.any(~np.isfinite(s) & exact_ok) or np.any(~np.isfinite(t) & exact_ok):
             found.append("keras.float16_gradient_overflow")
+        if np.any(np.isfinite(s) & np.isnan(exact_s)):
+            found.append("keras.nan_teacher_hidden_by_clip")
         return found
 
     gap = keras_clip_grad_gap_bound(ex.p, ex.q, mt, mp, eps, ex.temperature)
@@ -355,8 +363,9 @@ def _judge_meaning(res: CheckResult, ref: F64, exact: F64, tol: F64, known: list
     res.differences = [f"{name}: {GRAD_DIFFERENCES[name]} (gap here {res.exact_gap:.3g} = {share:.3g} of the "
                        f"largest exact gradient component; {rows} row(s) differ)" for name in known]  # fmt: skip
     if bound is not None:
+        slack = same_sum("float64", ref.shape[-1], 1.0)  # the bound and the gap are float64 sums too
         with np.errstate(invalid="ignore"):
-            over = same_nan & np.isfinite(exact) & np.isfinite(ref) & (gap > bound + tol)
+            over = same_nan & np.isfinite(exact) & np.isfinite(ref) & (gap > bound + tol + slack * (bound + gap))
         if over.any():
             res.fail(f"gap to the exact gradient {float(np.max(gap[over])):.3g} exceeds the derived "
                      f"clipping bound {float(np.max(bound[over])):.3g}")  # fmt: skip
@@ -399,6 +408,11 @@ def run_grad_cell(adapter: Adapter, cell: Cell, shift: int = 0,
                               case.id, case.seed(shift), reason=model.budget.reason)  # fmt: skip
             with np.errstate(invalid="ignore", over="ignore"):
                 ref = np.where(np.isfinite(pat), scale * value, pat)
+            # the formula on the seen values is finite where the exact inputs hold a NaN (Keras's clip
+            # zeroes a NaN's gradient): there only finiteness is judged, the values mean nothing
+            free = np.isfinite(pat) & np.isnan(value)
+            if obs is not None and free.any():
+                ref = np.where(free & np.isfinite(obs), obs, ref)
             if obs is None:
                 res.fail(f"the API returned no gradient w.r.t. the {wrt} logits (gradients stopped)")
             else:

@@ -69,7 +69,7 @@ def _check_float(x: ArrayLike, name: str) -> NDArray[np.generic]:
     return arr
 
 
-def _same_shape(a: F64, b: F64, names: tuple[str, str]) -> None:
+def _same_shape(a: NDArray[np.generic], b: NDArray[np.generic], names: tuple[str, str]) -> None:
     if a.shape != b.shape:
         raise ValueError(
             f"shape mismatch: {names[0]} has shape {a.shape} but {names[1]} has shape {b.shape}; "
@@ -361,12 +361,13 @@ def keras_kl_divergence(
     *,
     reduction: str | None = "sum_over_batch_size",
     epsilon: float = KERAS_EPSILON,
-    compute_max: float = math.inf,
+    compute_max: float | F64 = math.inf,
 ) -> F64:
     """``keras.losses.KLDivergence(reduction)(y_true, y_pred)`` evaluated exactly in float64.
 
-    ``compute_max`` is the largest finite value of the compute dtype: a ratio ``t / p`` above it
-    overflows to ``inf`` in Keras (float16 compute: ``1 / 1e-7`` does), and does so here too.
+    ``compute_max`` is the largest finite value of the compute dtype (a scalar, or one per element):
+    a ratio ``t / p`` above it overflows to ``inf`` in Keras (float16 compute: ``1 / 1e-7`` does),
+    and does so here too.
     """
     t = np.clip(_as_float64(y_true, "y_true"), epsilon, 1.0)
     p = np.clip(_as_float64(y_pred, "y_pred"), epsilon, 1.0)

@@ -42,11 +42,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--klparity-oracle", default="numpy", choices=ORACLES,
                 help="exact per-row KL: numpy (log-space oracle, default) or scipy (sum of "
                      "scipy.special.rel_entr over the float64 softmax, a cross-check)")  # fmt: skip
+    g.addoption("--klparity-scale", action="store_true", default=False,
+                help="run the scale tier (klparity.scale: C = 128256 and 256000, 2**28 elements, "
+                     "several GiB of memory; skipped otherwise)")  # fmt: skip
     parser.addini("klparity_xfails", "file of expected failures: '<id substring>  # reason' per line", default="")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "equivalence: framework-vs-oracle parity checks (the product)")
+    config.addinivalue_line("markers", "scale: the scale tier, run with --klparity-scale")
+    config.addinivalue_line("markers", "gpu: needs a CUDA / TF / JAX GPU device; skipped when none is visible")
+    # registered by pytest-xdist too; here so that strict markers accept it without xdist
+    config.addinivalue_line("markers", "xdist_group(name): run every test of the group in one xdist worker")
     opt = config.option
     try:
         sel = grid.Selection(
@@ -96,16 +103,25 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+def _cell_marks(framework: str, device: str) -> list[pytest.MarkDecorator]:
+    """Skip when the framework is absent; group by framework so that, under ``--dist loadgroup``,
+    a framework is imported (and JAX compiles its kernels) in one worker, not in every one."""
+    adapter = REGISTRY[framework]
+    marks = [pytest.mark.xdist_group(framework)]
+    if not adapter.available():
+        marks.append(pytest.mark.skip(reason=adapter.missing_reason()))
+    if device == "gpu":
+        marks.append(pytest.mark.gpu)
+    return marks
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kl_cell" not in metafunc.fixturenames:
         return
     sel = metafunc.config.stash[_SELECTION_KEY]
     params = []
     for cell in grid.cells(sel):
-        adapter = REGISTRY[cell.framework]
-        marks = [] if adapter.available() else [pytest.mark.skip(reason=adapter.missing_reason())]
-        if cell.device == "gpu":
-            marks.append(pytest.mark.gpu)
+        marks = _cell_marks(cell.framework, cell.device)
         params.append(pytest.param(cell, id=cell.id, marks=marks))
     metafunc.parametrize("kl_cell", params)
 
@@ -120,12 +136,27 @@ def pytest_generate_tests_gradients(metafunc: pytest.Metafunc) -> None:
     sel = metafunc.config.stash[_SELECTION_KEY]
     params = []
     for cell in grad_cells(sel):
-        adapter = REGISTRY[cell.framework]
-        marks = [] if adapter.available() else [pytest.mark.skip(reason=adapter.missing_reason())]
-        if cell.device == "gpu":
-            marks.append(pytest.mark.gpu)
+        marks = _cell_marks(cell.framework, cell.device)
         params.append(pytest.param(cell, id=cell.id, marks=marks))
     metafunc.parametrize("kl_grad_cell", params)
+
+
+@pytest.hookimpl(specname="pytest_generate_tests")
+def pytest_generate_tests_scale(metafunc: pytest.Metafunc) -> None:
+    """Parametrise ``kl_scale_cell`` with the scale cells of the selection (skipped without --klparity-scale)."""
+    if "kl_scale_cell" not in metafunc.fixturenames:
+        return
+    from klparity import scale
+
+    sel = metafunc.config.stash[_SELECTION_KEY]
+    enabled = metafunc.config.option.klparity_scale
+    params = []
+    for cell in scale.cells(sel):
+        marks = [pytest.mark.scale, *_cell_marks(cell.framework, cell.device)]
+        if not enabled:
+            marks.insert(0, pytest.mark.skip(reason=scale.DISABLED_REASON))
+        params.append(pytest.param(cell, id=cell.id, marks=marks))
+    metafunc.parametrize("kl_scale_cell", params)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -223,3 +254,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
             "devices": sel.devices, "runner": "pytest", "oracle": config.option.klparity_oracle}  # fmt: skip
     write_json(path, aggregate(_CONTROLLER_RESULTS), _CONTROLLER_RESULTS, meta)
+
+
+@pytest.fixture
+def klparity_check_loss() -> Callable[..., Any]:
+    """``klparity.testing.assert_distillation_loss``: fails the test with the diagnosis when a loss is wrong.
+
+    ``klparity_check_loss(my_kd_loss)`` checks ``(student_logits, teacher_logits, temperature) -> T² · mean
+    KL(teacher‖student)``; keywords as ``klparity check`` (framework, inputs, takes, expect, masked_vocab).
+    """
+    from klparity.testing import assert_distillation_loss
+
+    return assert_distillation_loss

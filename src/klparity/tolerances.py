@@ -64,7 +64,7 @@ rounded by up to eta_c/2 absolute, a relative error eta_c / (2c) of the whole gr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import numpy as np
@@ -270,16 +270,26 @@ def same_sum(dtype: str, n: int, abs_sum: float) -> float:
 TORCH_SUM_LANES: Final = 8
 
 
+#: Eigen's tree reduction: leaf size, and the fewest lanes of a packet (float64 under AVX2).
+EIGEN_LEAF: Final = 1024
+EIGEN_LANES: Final = 4
+
+
 def class_sum_roundings(framework: str, n: int) -> float:
     """Roundings (first order, relative to the sum of |terms|) of a backward kernel's sum over n classes.
 
     torch's CPU kernels reduce a row with ``vec::reduce_all``: sequentially over vectors of
     ``TORCH_SUM_LANES`` lanes, then a tree over the lanes, so ceil(n / 8) + 3 roundings, not log2 n
     (measured: a uniform target over 32000 classes puts a 2e-5 relative error on the float32 sum).
-    Others are taken as pairwise: log2 n + 1.
+    TensorFlow (Eigen's inner-most reducer) sums leaves of ``EIGEN_LEAF`` elements sequentially over
+    packets of at least ``EIGEN_LANES`` lanes, then the leaves pairwise (measured: 140 u on a float64
+    sum over 32000 classes). Anything else is taken as pairwise: log2 n + 1.
     """
     if framework == "torch":
         return math.ceil(n / TORCH_SUM_LANES) + math.log2(TORCH_SUM_LANES)
+    if framework == "tensorflow":
+        leaves = max(n / EIGEN_LEAF, 1.0)
+        return math.ceil(min(n, EIGEN_LEAF) / EIGEN_LANES) + math.log2(EIGEN_LANES) + math.log2(leaves)
     return math.log2(max(n, 2)) + 1.0
 
 
@@ -378,12 +388,18 @@ def grad_budget(
         pp = np.where(p > 0, p, 0.0)
         qq = np.where(q > 0, q, 0.0)
         s_tot = rowsum(pw)
-        sub_w = (pw > 0) & (pw < normal)
-        sub_q = (qq > 0) & (qq < normal)
+        # below (or, within its own relative error, at) the smallest normal number: 2 N covers any
+        # relative error below 1/2, so a value the framework rounds below N is always included
+        sub_w = (pw > 0) & (pw < 2.0 * normal)
+        sub_q = (qq > 0) & (qq < 2.0 * normal)
         # student: P_k and q_k S with their softmax-stage errors, plus the kernel's roundings
         # the probabilities multiply last: u * p underflows float64 for subnormal p
         first_s = pw * (u_in * rt + u_k) + qq * (u_in * (s_tot * rs + rowsum(pw * rt)) + u_k * s_tot)
-        floor_s = tiny * (sub_w + s_tot * sub_q + qq * rowsum(sub_w.astype(np.float64)))
+        # error of a value below N: eta/2 when rounded to the subnormal grid; the value itself
+        # (below 2 N, see above) when the framework flushes it to zero
+        flushes = (framework, input_dtype) in FLUSH_TO_ZERO
+        e_w, e_q = (np.where(sub, x if flushes else tiny, 0.0) for sub, x in ((sub_w, pw), (sub_q, qq)))
+        floor_s = e_w + s_tot * e_q + qq * rowsum(e_w)
         # teacher: p_k (h_k - H)
         hh = np.where((pp > 0) & np.isfinite(h), h, 0.0)
         big_h = rowsum(pp * hh)
@@ -394,15 +410,20 @@ def grad_budget(
             u_in * (rt * (ah + np.abs(big_h) + 1.0) + rs + rowsum(pp * (rt * (ah + 1.0) + rs)))
             + u_k * (ah + dh + rowsum(pp * ah))
         )
-        sub_p = (pp > 0) & (pp < normal)
-        floor_t = tiny * (sub_p * (ah + np.abs(big_h) + 1.0) + pp * rowsum(sub_p * (ah + 1.0)))
-        if student_is_probability:  # log of a subnormal probability: absolute error eta / (2 q)
-            inv_q = np.where(sub_q, 1.0 / np.maximum(qq, d_in.smallest_subnormal), 0.0)
+        sub_p = (pp > 0) & (pp < 2.0 * normal)
+        e_p = np.where(sub_p, pp if flushes else tiny, 0.0)
+        floor_t = e_p * (ah + np.abs(big_h) + 1.0) + pp * rowsum(e_p * (ah + 1.0))
+        if student_is_probability and not flushes:  # log of a subnormal probability: error eta / (2 q)
+            # only where the student's weight is live (Keras: q >= eps, unclipped; a clipped q is eps)
+            inv_q = np.where(sub_q & (pw > 0), 1.0 / np.maximum(qq, d_in.smallest_subnormal), 0.0)
             floor_t = floor_t + tiny * pp * (inv_q + rowsum(pp * inv_q))
-        student_scale = np.where(np.isfinite(first_s + floor_s), first_s + floor_s, 0.0) * inv_t
-        teacher_scale = np.where(np.isfinite(first_t + floor_t), first_t + floor_t, 0.0) * inv_t
+        # NaN only in rows holding a NaN, whose references are NaN (judged by pattern)
+        student_scale = np.where(np.isnan(first_s + floor_s), 0.0, first_s + floor_s) * inv_t
+        teacher_scale = np.where(np.isnan(first_t + floor_t), 0.0, first_t + floor_t) * inv_t
         student_size = (pw + qq * s_tot) * inv_t
         teacher_size = pp * (ah + np.abs(big_h)) * inv_t
+    if not (np.all(np.isfinite(student_scale)) and np.all(np.isfinite(teacher_scale))):
+        raise ValueError("the gradient budget is infinite somewhere: an error-model bug, not a tolerance")
     flush = row.c_kernel * max(tiny, subnormal_error(framework, compute_dtype)) * max(1.0, inv_t)
     coarser = d_in if d_in.unit_roundoff >= d_c.unit_roundoff else d_c
     reason = (
@@ -507,3 +528,29 @@ HEADROOM_SHRINK_FACTOR: Final = 4.0
 #: ...unless the row still uses less than this fraction of its tolerance afterwards: a float64 error
 #: going from 1e-4 to 1e-3 of its budget is a few ulps moving and leaves 1000x headroom.
 HEADROOM_IGNORE_BELOW: Final = 0.01
+
+
+# ----------------------------------------------------------------- a user's loss (klparity check)
+
+#: Roundings a user's distillation loss adds to the KL kernel the table rows count (``klparity.diagnose``):
+#: the product by T² and the reduction's division (the sum itself is counted by log2 n), in the compute
+#: dtype. Each is relative to the result, which sum_j e_j bounds (e_j >= p_j |log p_j - log q_j|); in
+#: the backward pass, relative to the gradient, which (P_k + q_k S) / T (``GradBudget.student_size``)
+#: bounds per element.
+USER_LOSS_ROUNDINGS: Final = 2.0
+
+
+def user_loss_budget(b: Budget, compute_dtype: str) -> Budget:
+    """``b`` plus ``USER_LOSS_ROUNDINGS`` roundings of ``compute_dtype`` per unit of sum_j e_j."""
+    extra = USER_LOSS_ROUNDINGS * dtype_info(compute_dtype).unit_roundoff
+    return replace(b, coeff_elem=b.coeff_elem + extra, reason=f"{b.reason}; + {USER_LOSS_ROUNDINGS:g} "
+                   f"u_{compute_dtype} (the loss's T^2 product and reduction division)")  # fmt: skip
+
+
+def user_loss_grad_budget(b: GradBudget) -> GradBudget:
+    """``b`` plus ``USER_LOSS_ROUNDINGS`` backward roundings of its compute dtype on each element's size."""
+    extra = USER_LOSS_ROUNDINGS * dtype_info(b.compute).unit_roundoff
+    return replace(b, student_scale=np.asarray(b.student_scale + extra * b.student_size, np.float64),
+                   teacher_scale=np.asarray(b.teacher_scale + extra * b.teacher_size, np.float64),
+                   reason=f"{b.reason}; + {USER_LOSS_ROUNDINGS:g} u_{b.compute} (the loss's T^2 product and "
+                   "reduction division)")  # fmt: skip

@@ -18,6 +18,7 @@ import pytest
 from klparity import goldens, oracle
 from klparity.checks import Exact
 from klparity.gradients import (
+    clip_passes,
     exact_student_grad,
     exact_teacher_grad,
     grad_scale,
@@ -25,7 +26,7 @@ from klparity.gradients import (
     keras_grads,
     torch_grads,
 )
-from klparity.tolerances import GradBudget, grad_budget
+from klparity.tolerances import GradBudget, grad_budget, subnormal_error
 
 F64 = np.ndarray
 MP_DPS = 100  # the quotient loses 20 digits to the step and ~40 to the smallest gradients
@@ -281,3 +282,31 @@ def test_budget_grows_with_the_scale_and_the_dtype() -> None:
     b16, b32, b64 = bud("float16"), bud("float32"), bud("float64")
     assert np.all(b16.student(1.0) > b32.student(1.0)) and np.all(b32.student(1.0) > b64.student(1.0))
     assert np.all(b32.teacher(0.5) < b32.teacher(1.0)) and np.all(b64.student(0.25) < b64.student(1.0))
+
+
+def test_keras_nan_teacher_class_clipped_on_the_student_side_leaves_a_finite_student_gradient() -> None:
+    """TF's clip passes the gradient of a NaN (NaN < eps is False) but zeroes it where y_pred < eps."""
+    y_true = np.array([[0.0, np.nan, 0.0], [0.0, np.nan, 0.0]])  # TF float32 softmax of a row with a NaN
+    y_pred = np.array([[0.5, 1e-9, 0.5 - 1e-9], [0.25, 0.5, 0.25]])  # row 0: the NaN class is clipped
+    assert np.all(clip_passes(y_true, oracle.KERAS_EPSILON)[:, 1])
+    g_s, g_t = keras_grads(y_true, y_pred, 1.0)
+    assert np.all(np.isfinite(g_s[0])) and np.all(np.isnan(g_s[1]))
+    assert np.all(np.isnan(g_t))
+
+
+def test_float16_rounding_decides_overflow_at_the_boundary() -> None:
+    """t / u / u just below 65520 exact, but -t / u rounded to float16 first pushes it over."""
+    t, u = 1.5854835510253906e-05, 1.5556812286376953e-05  # measured in a float16 Keras row
+    y_true, y_pred = np.array([[t, 1.0 - t]]), np.array([[u, 1.0 - u]])
+    assert t / u / u < 65520
+    g_s, _ = keras_grads(y_true, y_pred, 1.0, epsilon=1.1920928955078125e-07, compute="float16")
+    assert np.isnan(g_s[0, 0])  # (-inf - (-inf)) * y
+    exact_s, _ = keras_grads(y_true, y_pred, 1.0, epsilon=1.1920928955078125e-07)
+    assert np.all(np.isfinite(exact_s))
+
+
+def test_float64_subnormal_error_is_not_zero() -> None:
+    """Half the smallest float64 subnormal rounds to 0: the floor must not vanish."""
+    assert subnormal_error("torch", "float64") > 0
+    assert subnormal_error("tensorflow", "float32") == np.finfo(np.float32).smallest_normal
+    assert subnormal_error("torch", "float16") == np.finfo(np.float16).smallest_subnormal / 2
