@@ -43,7 +43,8 @@ DIFFERENCES: Final[dict[str, str]] = {
     "torch.underflow_times_inf_nan": "a teacher probability that underflows to 0 in the tested dtype, "
     "on a class where the student is -inf, gives 0 * inf = NaN; the exact KL is +inf",
     "dtype.result_overflow": "the value exceeds the largest finite number of the result dtype and "
-    "rounds to inf (a float16 sum over many classes)",
+    "rounds to inf (a float16 sum over many classes; torch's 'batchmean' rounds the sum before "
+    "dividing, so it overflows with the sum even when the mean would fit)",
     "keras.float16_ratio_overflow": "computing in float16 (keras.losses.kl_divergence on float16 "
     "inputs, or dtype='float16'), y_true / y_pred overflows to inf once it exceeds 65504, which "
     "clipping y_pred to 1e-7 makes easy: the loss is inf where the exact KL is finite",
@@ -476,6 +477,34 @@ def accept_inf_where_allowed(
     return out
 
 
+def _overflow_masks(value: F64, tol: F64 | float, dtype: str) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """(surely, maybe): |value| beyond the dtype's rounding boundary to inf, beyond any doubt or within ``tol``."""
+    info = dtype_info(dtype)
+    boundary = info.max * (1.0 + info.unit_roundoff)
+    value = np.asarray(value, np.float64)
+    tol_a = np.broadcast_to(np.asarray(tol, np.float64), value.shape)
+    with np.errstate(invalid="ignore"):
+        surely = np.isfinite(value) & (np.abs(value) - tol_a >= boundary)
+        maybe = np.isfinite(value) & ~surely & (np.abs(value) + tol_a >= boundary)
+    return surely, maybe
+
+
+def _torch_sum_overflow(expected: dict[str, Expectation]) -> tuple[dict[str, Expectation], bool]:
+    """torch's 'batchmean' rounds the *sum* to the result dtype before dividing by size(0), so it
+    overflows to inf with the sum (float16: past 65504) even when the mean is representable."""
+    if "sum" not in expected or "batchmean" not in expected:
+        return expected, False
+    total = expected["sum"]
+    surely, maybe = _overflow_masks(total.value, total.tolerance, total.dtype)
+    if not (surely.any() or maybe.any()):
+        return expected, False
+    bm = expected["batchmean"]
+    with np.errstate(invalid="ignore"):
+        value = np.where(surely, np.copysign(np.inf, np.asarray(total.value)), bm.value)
+    allowed = maybe if bm.inf_allowed is None else (bm.inf_allowed | maybe)
+    return {**expected, "batchmean": replace(bm, value=value, inf_allowed=allowed)}, True
+
+
 def within_result_range(expected: dict[str, Expectation]) -> tuple[dict[str, Expectation], bool]:
     """Values beyond the result dtype's largest finite number round to inf; near it, either is right.
 
@@ -483,13 +512,8 @@ def within_result_range(expected: dict[str, Expectation]) -> tuple[dict[str, Exp
     """
     out, hit = {}, False
     for red, exp in expected.items():
-        info = dtype_info(exp.dtype)
-        boundary = info.max * (1.0 + info.unit_roundoff)
         value = np.asarray(exp.value, np.float64)
-        tol = np.broadcast_to(np.asarray(exp.tolerance, np.float64), value.shape)
-        with np.errstate(invalid="ignore"):
-            surely = np.isfinite(value) & (np.abs(value) - tol >= boundary)
-            maybe = np.isfinite(value) & ~surely & (np.abs(value) + tol >= boundary)
+        surely, maybe = _overflow_masks(value, exp.tolerance, exp.dtype)
         if surely.any() or maybe.any():
             hit = True
             allowed = maybe if exp.inf_allowed is None else (exp.inf_allowed | maybe)
@@ -565,8 +589,11 @@ def run_cell(adapter: Adapter, cell: Cell, shift: int = 0,
         expected, bud = _keras_expectations(cell.api, ex, dtype, compute, cell.framework)
     outputs = (call or adapter.run)(cell.api, t_r, s_r, case.temperature, cell.device, cell.layout)
     known = _differences(cell.api, ex, compute)
+    sum_overflowed = False
+    if cell.api.semantics == "torch":
+        expected, sum_overflowed = _torch_sum_overflow(expected)
     expected, overflowed = within_result_range(expected)
-    if overflowed:
+    if overflowed or sum_overflowed:
         known.append("dtype.result_overflow")
     expected = accept_inf_where_allowed(expected, outputs)
     results = []
@@ -588,7 +615,55 @@ def run_cell(adapter: Adapter, cell: Cell, shift: int = 0,
             res.fail(f"unexpected warning: {out.warnings[0]}")
         _judge_meaning(res, exp, known)
         results.append(res)
+    results += _reduction_consistency(cell, case.seed(shift), outputs, compute)
     return results
+
+
+def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], compute: str) -> list[CheckResult]:
+    """Each reduction against the framework's *own* unreduced output, summed exactly in float64.
+
+    This isolates the reduction kernel from the elementwise error: with t the 'none' output (the
+    very values the reduction sums), a sum over n terms accumulated in u_acc is off by at most
+    log2(n) u_acc sum|t|, the result is rounded once to the compute dtype and divided once:
+    2 u_c |value| (one subnormal spacing where the result is that small). So an accumulator in a lower precision, or a wrong divisor, shows even where
+    the end-to-end tolerance is dominated by half-precision elementwise rounding.
+    """
+    if cell.api.semantics not in ("torch", "keras") or "none" not in outputs:
+        return []
+    pointwise = np.asarray(outputs["none"].value, np.float64)
+    if not np.all(np.isfinite(pointwise)) or pointwise.ndim == 0:
+        return []  # special values are judged by the main checks; a scalar has nothing to reduce
+    reduce = oracle.torch_reduce if cell.api.semantics == "torch" else oracle.keras_reduce
+    defaults = {"torch": "mean", "keras": "sum_over_batch_size"}
+    u_c = dtype_info(compute).unit_roundoff
+    u_acc = dtype_info(table_row(cell.framework, cell.dtype).accumulate).unit_roundoff
+    if compute not in ("float16", "bfloat16"):
+        u_acc = max(u_acc, u_c)
+    abs_sum = math.fsum(np.abs(pointwise).ravel().tolist())
+    n = max(pointwise.size, 2)
+    out = []
+    for red, got in outputs.items():
+        if red == "none":
+            continue
+        r = defaults[cell.api.semantics] if red == "default" else red
+        expected = reduce(pointwise, r)
+        divisor = 1 if r == "sum" else (pointwise.shape[0] if r == "batchmean" else pointwise.size)
+        # + one subnormal spacing: the result's rounding and division, where it is subnormal
+        tol = ((math.log2(n) * u_acc + u_c) * abs_sum / divisor + 2 * u_c * abs(float(expected))
+               + dtype_info(compute).smallest_subnormal)  # fmt: skip
+        if cell.api.semantics == "torch" and r in ("sum", "batchmean"):  # the sum is rounded first
+            total = float(np.sum(pointwise))
+            surely, maybe = _overflow_masks(np.asarray(total), tol * divisor, compute)
+            if bool(surely) or (bool(maybe) and np.isinf(got.value).all()):
+                expected = np.asarray(math.copysign(math.inf, total))
+        res = CheckResult(cell.framework, cell.api.id, f"{red} vs own none", cell.dtype, cell.device,
+                          cell.layout, cell.case.id, seed, reason="reduction of the framework's own "
+                          "elementwise output: log2(n) u_acc sum|t| + rounding and division of the result")  # fmt: skip
+        compare(res, got.value, expected, tol)
+        if not res.ok:
+            res.problems[-1] += " (the reduction itself is off: its own elementwise output, summed exactly, disagrees)"
+        out.append(res)
+    return out
 
 
 def failure_message(cell: Cell, shift: int, results: list[CheckResult]) -> str:

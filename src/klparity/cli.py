@@ -152,7 +152,9 @@ def cmd_mutate(args: argparse.Namespace) -> int:
     for o in outcomes:
         desc = catalogue.BY_NAME[o.name].description if o.name in catalogue.BY_NAME else "false-alarm check"
         print(f"{o.name:{width}}  {o.status:11}  {o.seconds:5.1f} s  {o.killer or '-'}\n{'':{width}}  {desc}")
-        if o.detail and o.status in ("error", "false alarm"):
+        if o.detail and o.status == "killed":
+            print(f"{'':{width}}  first problem: {o.detail[:160]}")
+        elif o.detail and o.status in ("error", "false alarm"):
             print(o.detail)
     rate = kill_rate(outcomes)
     alarms = sum(o.status in ("false alarm", "error") for o in outcomes if o.name.startswith("unmut"))

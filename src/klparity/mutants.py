@@ -107,6 +107,7 @@ def _pointwise_then(edit: Callable[[Any, Any, Any, dict[str, Any]], Any]) -> Cal
     """Compute the elementwise loss, let ``edit`` change it, then reduce it as torch documents."""
 
     def change(orig: Any, inp: Any, tgt: Any, kw: dict[str, Any]) -> Any:
+        orig(inp, tgt, **kw)  # the real call, for its side effects ('mean' warns): only the value changes
         kw = dict(kw)
         reduction = kw.pop("reduction", "mean")
         pointwise = edit(orig(inp, tgt, reduction="none", **kw), inp, tgt, kw)
@@ -177,6 +178,7 @@ def _half_sum(orig: Any, inp: Any, tgt: Any, kw: dict[str, Any]) -> Any:
     """float16 inputs summed in a float16 accumulator (sequentially), not float32."""
     import torch
 
+    orig(inp, tgt, **kw)  # the real call, for its side effects ('mean' warns): only the value changes
     kw = dict(kw)
     reduction = kw.pop("reduction", "mean")
     pointwise = orig(inp, tgt, reduction="none", **kw)
@@ -187,6 +189,25 @@ def _half_sum(orig: Any, inp: Any, tgt: Any, kw: dict[str, Any]) -> Any:
         acc = (acc + chunk.sum().to(torch.float16)).to(torch.float16)
     divisor = {"sum": 1, "mean": pointwise.numel(), "batchmean": inp.size(0)}[reduction]
     return acc / divisor
+
+
+def _backward_scaled(orig: Any) -> Any:
+    """Forward untouched, backward × 1.01 (a wrong derivative formula in the autograd kernel)."""
+    import torch
+
+    class _ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any) -> Any:
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            return grad * 1.01
+
+    def kl_div(inp: Any, tgt: Any, *args: Any, **kwargs: Any) -> Any:
+        return _ScaleGrad.apply(orig(inp, tgt, *args, **kwargs))  # type: ignore[no-untyped-call]
+
+    return kl_div
 
 
 # ----------------------------------------------------------------------------------- keras
@@ -308,6 +329,8 @@ MUTANTS: tuple[Mutant, ...] = (
            _TORCH_KL, _torch_call(_pointwise_then(_non_contiguous))),
     Mutant("torch_student_inf_clamped", "torch", "student -inf clamped to -1e4: an inf KL turns finite",
            _TORCH_KL, _torch_call(_student_inf_clamped)),
+    Mutant("torch_backward_scaled", "torch", "only the gradient is off: backward × 1.01, forward exact",
+           _TORCH_KL, _backward_scaled),
     Mutant("keras_epsilon_1e5", "tensorflow", "Keras's clip epsilon becomes 1e-5",
            _KERAS_FN, _keras_clip(1e-5, 1e-5)),
     Mutant("keras_no_pred_clip", "tensorflow", "y_pred no longer clipped (only y_true)",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from klparity.mutants import MUTANTS, Mutant
 
 _FAILED = re.compile(r"^FAILED (\S+)", re.MULTILINE)
+_PROBLEM = re.compile(r"^\s+- (.+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def run_mutant(mutant: Mutant, extra: Sequence[str] = ()) -> Outcome:
     rc, out, secs = _pytest(["--klparity-mutant", mutant.name, "--klparity-frameworks", mutant.framework, *extra])
     failed = _FAILED.findall(out)
     if rc == 1 and failed:
-        return Outcome(mutant.name, "killed", failed[0].split("::")[-1], secs)
+        problem = _PROBLEM.search(out)
+        return Outcome(mutant.name, "killed", failed[0].split("::")[-1], secs, problem.group(1) if problem else "")
     if rc == 0:
         return Outcome(mutant.name, "survived", "", secs)
     return Outcome(mutant.name, "error", "", secs, out[-2000:])
