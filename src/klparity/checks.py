@@ -625,8 +625,9 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
     This isolates the reduction kernel from the elementwise error: with t the 'none' output (the
     very values the reduction sums), a sum over n terms accumulated in u_acc is off by at most
     log2(n) u_acc sum|t|, the result is rounded once to the compute dtype and divided once:
-    2 u_c |value| (one subnormal spacing where the result is that small). So an accumulator in a lower precision, or a wrong divisor, shows even where
-    the end-to-end tolerance is dominated by half-precision elementwise rounding.
+    2 u_c |value| (one subnormal spacing where the result is that small). So an accumulator in a
+    lower precision, or a wrong divisor, shows even where the end-to-end tolerance is dominated by
+    half-precision elementwise rounding.
     """
     if cell.api.semantics not in ("torch", "keras") or "none" not in outputs:
         return []
