@@ -83,7 +83,8 @@ def test_batchmean_dividing_by_numel_fails_and_is_named(torch_fn: Callable[..., 
     torch_fn(by_numel)
     results = _run("torch", "float32")
     failed = [r for r in results if not r.ok]
-    assert failed and {r.reduction for r in failed} == {"batchmean"}
+    # the end-to-end check and the check against torch's own elementwise output, both on batchmean
+    assert failed and {r.reduction.split(" vs own ")[0] for r in failed} == {"batchmean"}
     assert "divided by C (classes) = 1000" in _problems(results)
 
 

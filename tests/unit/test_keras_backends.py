@@ -67,7 +67,9 @@ def _outputs(backend: str) -> dict[str, dict[str, Output]]:
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_keras_kl_divergence_has_the_clipped_semantics_on_backend(backend: str) -> None:
+def test_keras_kl_divergence_has_the_clipped_semantics_on_backend(backend: str, request: pytest.FixtureRequest) -> None:
+    if request.config.getoption("--klparity-tier") != "full":
+        pytest.skip("full tier only (--klparity-tier full): a fresh Keras process per backend costs ~5 s")
     for module in ("keras", backend):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed")
@@ -80,7 +82,8 @@ def test_keras_kl_divergence_has_the_clipped_semantics_on_backend(backend: str) 
         results += run_cell(adapter, cell, call=lambda *_, out=outputs[case.id]: out)
     bad = [f"{r.case} {r.reduction}: {p}" for r in results if not r.ok for p in r.problems]
     assert not bad, "\n".join(bad)
-    assert len(results) == len(cases("quick")) * len(REDUCTIONS)
+    main = [r for r in results if " vs own " not in r.reduction]  # the rest: reduction consistency
+    assert len(main) == len(cases("quick")) * len(REDUCTIONS)
     # the clip was exercised, and it is what separates the value from the exact KL
     assert {"spread30_4x100_T1", "onehot_8x1000_T1"} <= {
         r.case for r in results if any(d.startswith("keras.clip_epsilon") for d in r.differences)
