@@ -637,10 +637,11 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
     reduce = oracle.torch_reduce if cell.api.semantics == "torch" else oracle.keras_reduce
     defaults = {"torch": "mean", "keras": "sum_over_batch_size"}
     u_c = dtype_info(compute).unit_roundoff
+    u64 = dtype_info("float64").unit_roundoff
     u_acc = dtype_info(table_row(cell.framework, cell.dtype).accumulate).unit_roundoff
     if compute not in ("float16", "bfloat16"):
         u_acc = max(u_acc, u_c)
-    abs_sum = math.fsum(np.abs(pointwise).ravel().tolist())
+    abs_sum = float(np.sum(np.abs(pointwise)))
     n = max(pointwise.size, 2)
     out = []
     for red, got in outputs.items():
@@ -650,7 +651,8 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
         expected = reduce(pointwise, r)
         divisor = 1 if r == "sum" else (pointwise.shape[0] if r == "batchmean" else pointwise.size)
         # + one subnormal spacing: the result's rounding and division, where it is subnormal
-        tol = ((math.log2(n) * u_acc + u_c) * abs_sum / divisor + 2 * u_c * abs(float(expected))
+        # (u_acc + u_64: our own float64 pairwise sum of the same terms)
+        tol = ((math.log2(n) * (u_acc + u64) + u_c) * abs_sum / divisor + 2 * u_c * abs(float(expected))
                + dtype_info(compute).smallest_subnormal)  # fmt: skip
         if cell.api.semantics == "torch" and r in ("sum", "batchmean"):  # the sum is rounded first
             total = float(np.sum(pointwise))

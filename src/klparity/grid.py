@@ -16,7 +16,7 @@ from klparity.dtypes import DTYPE_NAMES, round_to, widen
 from klparity.frameworks import DEVICES, REGISTRY, Adapter
 
 #: Non-contiguous layouts run for these dtypes in the quick tier (all dtypes in the full tier).
-QUICK_LAYOUT_DTYPES = ("bfloat16", "float32")
+QUICK_LAYOUT_DTYPES = ("float32",)
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,22 @@ def cells(sel: Selection) -> list[Cell]:
     return out
 
 
+_DEVICES: dict[str, tuple[str, ...]] = {}
+
+
+def _devices(framework: str) -> tuple[str, ...]:
+    """The framework's usable devices, asked once per process (they do not change while it runs)."""
+    if framework not in _DEVICES:
+        _DEVICES[framework] = REGISTRY[framework].devices()
+    return _DEVICES[framework]
+
+
 def skip_reason(cell: Cell, shift: int) -> str | None:
     """Why a cell cannot run here and now (framework missing, no device, dtype overflow), or None."""
     adapter = REGISTRY[cell.framework]
     if not adapter.available():
         return adapter.missing_reason()
-    if cell.device not in adapter.devices():
+    if cell.device not in _devices(cell.framework):
         return f"no {cell.device} device visible to {cell.framework}"
     t, s = cell.case.logits(shift)
     return overflow_reason(widen(round_to(t, cell.dtype)), widen(round_to(s, cell.dtype)),
