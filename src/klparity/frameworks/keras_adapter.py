@@ -20,6 +20,16 @@ LOSS_CLASS = "keras.losses.KLDivergence"
 LOSS_FUNCTION = "keras.losses.kl_divergence"
 
 
+def _loss(keras: ModuleType, api: Api, red: str, y_true: Any, y_pred: Any) -> Any:
+    """One reduction of the API (``'default'``: the constructor's own); the function has none."""
+    if api.entry == LOSS_FUNCTION:
+        return keras.losses.kl_divergence(y_true, y_pred)
+    kwargs: dict[str, Any] = dict(api.options)
+    if red != "default":
+        kwargs["reduction"] = red
+    return keras.losses.KLDivergence(**kwargs)(y_true, y_pred)
+
+
 class KerasAdapter(Adapter):
     """Keras 3 on TensorFlow: the loss class with every reduction and ``dtype=``, and the function."""
 
@@ -105,13 +115,7 @@ class KerasAdapter(Adapter):
             y_pred = tf.nn.softmax(s / temperature, axis=-1)
             out: dict[str, Output] = {}
             for red in api.reductions:
-                if api.entry == LOSS_FUNCTION:
-                    res = keras.losses.kl_divergence(y_true, y_pred)
-                else:
-                    kwargs: dict[str, Any] = dict(api.options)
-                    if red != "default":
-                        kwargs["reduction"] = red
-                    res = keras.losses.KLDivergence(**kwargs)(y_true, y_pred)
+                res = _loss(keras, api, red, y_true, y_pred)
                 out[red] = Output(
                     value=np.asarray(res.numpy()).astype(np.float64),
                     dtype=res.dtype.name,
@@ -143,13 +147,7 @@ class KerasAdapter(Adapter):
                     tape.watch([t, s])
                     y_true = tf.nn.softmax(t / temperature, axis=-1)
                     y_pred = tf.nn.softmax(s / temperature, axis=-1)
-                    if api.entry == LOSS_FUNCTION:
-                        res = keras.losses.kl_divergence(y_true, y_pred)
-                    else:
-                        kwargs: dict[str, Any] = dict(api.options)
-                        if red != "default":
-                            kwargs["reduction"] = red
-                        res = keras.losses.KLDivergence(**kwargs)(y_true, y_pred)
+                    res = _loss(keras, api, red, y_true, y_pred)
                 g_t, g_s = tape.gradient(res, [t, s])
                 if g_s is None:
                     raise RuntimeError(f"{api.id} returned no gradient w.r.t. y_pred")

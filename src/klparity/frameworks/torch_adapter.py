@@ -90,33 +90,54 @@ class TorchAdapter(Adapter):
         layout: str,
     ) -> dict[str, Output]:
         torch = self._torch()
+        _, _, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=False)
+        out: dict[str, Output] = {}
+        for red in api.reductions:
+            res, caught = self._loss(api, red, inp, tgt)
+            out[red] = Output(
+                value=res.detach().to("cpu", torch.float64).numpy(),
+                dtype=str(res.dtype).removeprefix("torch."),
+                warnings=caught,
+            )
+        return out
+
+    def _pipeline(
+        self,
+        api: Api,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        device: str,
+        layout: str,
+        *,
+        grad: bool,
+    ) -> tuple[Any, Any, Any, Any]:
+        """(teacher, student, input, target) tensors, as a distillation user builds them."""
+        torch = self._torch()
         fn = torch.nn.functional
         dev = "cuda" if device == "gpu" else "cpu"
         tdtype = getattr(torch, str(teacher.dtype))
         # float64 -> dtype is exact: the values are already representable in dtype.
-        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype)
-        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype)
+        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype).requires_grad_(grad)
+        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype).requires_grad_(grad)
         log_target = bool(api.option("log_target", False))
         inp = relayout(fn.log_softmax(s / temperature, dim=-1), layout)
         tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
-        tgt = relayout(tgt, layout)
-        out: dict[str, Output] = {}
-        for red in api.reductions:
-            kwargs: dict[str, Any] = {"log_target": log_target}
-            if red != "default":
-                kwargs["reduction"] = red
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if api.entry == "torch.nn.KLDivLoss":
-                    res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
-                else:
-                    res = fn.kl_div(inp, tgt, **kwargs)
-            out[red] = Output(
-                value=res.detach().to("cpu", torch.float64).numpy(),
-                dtype=str(res.dtype).removeprefix("torch."),
-                warnings=tuple(str(w.message) for w in caught),
-            )
-        return out
+        return t, s, inp, relayout(tgt, layout)
+
+    def _loss(self, api: Api, red: str, inp: Any, tgt: Any) -> tuple[Any, tuple[str, ...]]:
+        """One reduction of the API (``'default'``: no reduction argument) and the warnings it raised."""
+        torch = self._torch()
+        kwargs: dict[str, Any] = {"log_target": bool(api.option("log_target", False))}
+        if red != "default":
+            kwargs["reduction"] = red
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if api.entry == "torch.nn.KLDivLoss":
+                res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
+            else:  # looked up at call time, so a patched F.kl_div is the one called
+                res = torch.nn.functional.kl_div(inp, tgt, **kwargs)
+        return res, tuple(str(w.message) for w in caught)
 
     def run_grad(
         self,
@@ -129,28 +150,12 @@ class TorchAdapter(Adapter):
     ) -> dict[str, GradOutput]:
         """Each reduction's gradients w.r.t. both logits (``autograd.grad``; 'none' differentiates the sum)."""
         torch = self._torch()
-        fn = torch.nn.functional
-        dev = "cuda" if device == "gpu" else "cpu"
-        tdtype = getattr(torch, str(teacher.dtype))
-        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
-        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
-        log_target = bool(api.option("log_target", False))
-        inp = relayout(fn.log_softmax(s / temperature, dim=-1), layout)
-        tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
-        tgt = relayout(tgt, layout)
+        t, s, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=True)
         seen_t = tgt.detach().to("cpu", torch.float64).numpy()
         seen_i = inp.detach().to("cpu", torch.float64).numpy()
         out: dict[str, GradOutput] = {}
         for red in api.reductions:
-            kwargs: dict[str, Any] = {"log_target": log_target}
-            if red != "default":
-                kwargs["reduction"] = red
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if api.entry == "torch.nn.KLDivLoss":
-                    res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
-                else:
-                    res = fn.kl_div(inp, tgt, **kwargs)
+            res, caught = self._loss(api, red, inp, tgt)
             g_s, g_t = torch.autograd.grad(res, (s, t), grad_outputs=torch.ones_like(res), retain_graph=True)
             out[red] = GradOutput(
                 student=g_s.detach().to("cpu", torch.float64).numpy(),
@@ -158,6 +163,6 @@ class TorchAdapter(Adapter):
                 dtype=str(g_s.dtype).removeprefix("torch."),
                 seen_target=seen_t,
                 seen_input=seen_i,
-                warnings=tuple(str(w.message) for w in caught),
+                warnings=caught,
             )
         return out
