@@ -15,8 +15,10 @@ originals. Two kinds of reference live here:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, Literal
 
@@ -145,13 +147,15 @@ def _kl_normalised_log(lp: F64, lq: F64) -> F64:
         return np.asarray(np.sum(term, axis=-1), dtype=np.float64)
 
 
-#: Three float64 work buffers of one block stay within about this many bytes (cache-sized).
-_BLOCK_BYTES: Final = 1 << 19
+#: The three float64 work buffers of one block stay within about this many bytes (cache-sized).
+_BLOCK_BYTES: Final = 1 << 22
 #: Arrays smaller than this (elements) are not worth handing to threads.
 _THREAD_MIN_ELEMENTS: Final = 1 << 18
 #: The fast form is kept for a row when its (conservative) error estimate is below this fraction of
 #: the row's KL: half the 1e-13 relative accuracy the oracle promises.
 _FAST_FORM_MAX_REL: Final = 5e-14
+#: The fast form's rounding-error estimate is this many float64 unit roundoffs times its scale.
+_FAST_FORM_ROUNDINGS: Final = 16.0
 
 
 def _oracle_threads() -> int:
@@ -160,39 +164,84 @@ def _oracle_threads() -> int:
     return max(1, int(cap)) if cap.isdigit() else (os.cpu_count() or 1)
 
 
-def _kl_block(t: NDArray[np.generic], s: NDArray[np.generic], temp: float) -> F64:
+_THREAD_STATE = threading.local()
+
+
+class _Buffers:
+    """The float64 work arrays of one thread, kept between calls and reused for every block.
+
+    Kept per thread (fresh pages would cost a page fault per 4 KiB on every call); they grow to the
+    largest block seen, at most three blocks of about ``_BLOCK_BYTES`` / 3 (one row for huge rows).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.flat = tuple(np.empty(size) for _ in range(3))
+
+    @staticmethod
+    def of_thread(size: int) -> _Buffers:
+        buf: _Buffers | None = getattr(_THREAD_STATE, "buffers", None)
+        if buf is None or buf.flat[0].size < size:
+            buf = _THREAD_STATE.buffers = _Buffers(size)
+        return buf
+
+    def views(self, rows: int, classes: int) -> tuple[F64, F64, F64]:
+        a, b, d = (x[: rows * classes].reshape(rows, classes) for x in self.flat)
+        return a, b, d
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool (threads start once, and keep their buffers)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="klparity-oracle")
+
+
+def _scale(x: F64, temp: float) -> None:
+    """``x *= 1/temp`` in place: one rounding more than dividing (exact for a power of two), which
+    the fast form's error estimate covers, and half the time of a division."""
+    if temp != 1.0:
+        np.multiply(x, 1.0 / temp, out=x)
+
+
+def _kl_block(t: NDArray[np.generic], s: NDArray[np.generic], temp: float, buf: _Buffers) -> F64:
     """Per-row KL of one block of rows: a fast form where it is provably accurate, phi-form elsewhere.
 
     Fast form, with a = (t - max t)/T, b = (s - max s)/T, S_a = sum e^a, S_b = sum e^b:
-    KL = sum e^a (a - b) / S_a - log S_a + log S_b: two exps per element, no per-element log, in
-    place. It cancels when the KL is small next to its summands; the estimate
-    16 u (sum p |a - b| (1 + |a|) + |log S_a| + |log S_b| + 1) bounds its rounding error, and rows
-    where that exceeds 5e-14 of the KL (or that hold a non-finite logit) are recomputed with the
-    cancellation-free phi-form of ``_kl_normalised_log``.
+    KL = sum e^a (a - b) / S_a - log S_a + log S_b: two exps per element, no per-element log, every
+    pass in place in three buffers. It cancels when the KL is small next to its summands; the
+    estimate 16 u (sum p |a - b| (1 + |a|) + |log S_a| + |log S_b| + 1) bounds its rounding error
+    (sums are NumPy's pairwise ones), and rows where that exceeds 5e-14 of the KL, or where the KL or
+    the estimate is not finite, are recomputed with the cancellation-free phi-form of
+    ``_kl_normalised_log``. A non-finite logit always lands there: NaN or +inf makes the row NaN, a
+    teacher -inf gives 0 * -inf = NaN in sum e^a (a - b), a student -inf an infinite |a - b| in the
+    estimate.
     """
-    a = t.astype(np.float64)
-    b = s.astype(np.float64)
+    a, b, d = buf.views(*t.shape)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
-        finite = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
-        np.subtract(a, a.max(axis=1, keepdims=True), out=a)
-        np.divide(a, temp, out=a)
-        np.subtract(b, b.max(axis=1, keepdims=True), out=b)
-        np.divide(b, temp, out=b)
-        d = a - b
-        w = np.abs(d)
-        w *= 1.0 - a  # a <= 0: 1 + |a|
-        np.exp(a, out=a)
-        sa = a.sum(axis=1)
-        dot = np.einsum("ij,ij->i", a, d)
-        spread = np.einsum("ij,ij->i", a, w)
+        # the maximum in the input's own dtype is exact (and cheaper on the narrow input)
+        for x, buf_x in ((t, a), (s, b)):
+            top = x.max(axis=1, keepdims=True).astype(np.float64)
+            np.copyto(buf_x, x)
+            np.subtract(buf_x, top, out=buf_x)
+        _scale(a, temp)
+        _scale(b, temp)
+        np.subtract(a, b, out=d)
         np.exp(b, out=b)
         sb = b.sum(axis=1)
+        w = np.subtract(1.0, a, out=b)  # 1 + |a| (a <= 0), in b's buffer from here on
+        np.multiply(w, d, out=w)
+        np.abs(w, out=w)
+        np.exp(a, out=a)
+        sa = a.sum(axis=1)
+        # products in place and NumPy's pairwise sums (no BLAS: its threads would fight ours)
+        dot = np.multiply(a, d, out=d).sum(axis=1)
+        spread = np.multiply(a, w, out=w).sum(axis=1)
         lsa, lsb = np.log(sa), np.log(sb)
         kl = dot / sa - lsa + lsb
-        err = 16.0 * np.finfo(np.float64).eps / 2 * (spread / sa + np.abs(lsa) + np.abs(lsb) + 1.0)
-        slow = ~(finite & (err <= _FAST_FORM_MAX_REL * np.abs(kl)))
-    if slow.any():
-        rows = np.flatnonzero(slow)
+        unit = np.finfo(np.float64).eps / 2
+        err = _FAST_FORM_ROUNDINGS * unit * (spread / sa + np.abs(lsa) + np.abs(lsb) + 1.0)
+        fast = np.isfinite(kl) & np.isfinite(err) & (err <= _FAST_FORM_MAX_REL * np.abs(kl))
+    if not fast.all():
+        rows = np.flatnonzero(~fast)
         kl[rows] = _kl_normalised_log(log_softmax(t[rows], temp), log_softmax(s[rows], temp))
     return np.asarray(kl, dtype=np.float64)
 
@@ -207,8 +256,8 @@ def kl_from_logits(
     non-floating dtype or a temperature that is not finite and > 0. NaN in a row gives NaN.
 
     Works in blocks of rows (the float64 work buffers of a block stay cache-sized, so the peak
-    memory is the inputs plus a few blocks, whatever their dtype), on several threads for large
-    inputs (NumPy releases the GIL in its loops).
+    memory is the inputs plus a few blocks, whatever their dtype); large inputs are split into one
+    contiguous run of rows per thread (NumPy releases the GIL in its loops).
     """
     t = _check_float(teacher_logits, "teacher_logits")
     s = _check_float(student_logits, "student_logits")
@@ -217,20 +266,21 @@ def kl_from_logits(
     c = t.shape[-1]
     t2, s2 = t.reshape(-1, c), s.reshape(-1, c)
     n_rows = t2.shape[0]
-    step = max(1, _BLOCK_BYTES // (8 * c))
-    starts = range(0, n_rows, step)
+    step = max(1, min(n_rows, _BLOCK_BYTES // (3 * 8 * c)))
     out = np.empty(n_rows, dtype=np.float64)
 
-    def work(start: int) -> None:
-        out[start : start + step] = _kl_block(t2[start : start + step], s2[start : start + step], temp)
+    def work(lo: int, hi: int) -> None:
+        buf = _Buffers.of_thread(min(step, hi - lo) * c)
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            out[start:stop] = _kl_block(t2[start:stop], s2[start:stop], temp, buf)
 
-    threads = _oracle_threads() if t.size >= _THREAD_MIN_ELEMENTS else 1
-    if threads > 1 and len(starts) > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(work, starts))
-    else:
-        for start in starts:
-            work(start)
+    threads = min(_oracle_threads(), n_rows) if t.size >= _THREAD_MIN_ELEMENTS else 1
+    if threads > 1:
+        bounds = np.linspace(0, n_rows, threads + 1).astype(int)
+        list(_pool(threads).map(work, bounds[:-1], bounds[1:]))
+    elif n_rows:
+        work(0, n_rows)
     return out.reshape(t.shape[:-1])
 
 

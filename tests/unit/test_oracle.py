@@ -203,6 +203,61 @@ def test_kl_from_logits_accuracy_does_not_depend_on_logit_magnitude(
     assert_matches_mp(oracle.kl_from_logits(t, s, temperature), t, s, temperature)
 
 
+@pytest.mark.parametrize("temperature", [0.25, 2.0, 8.0, 1 / 3])
+def test_power_of_two_temperature_path_matches_mpmath(temperature: float) -> None:
+    """1/T is exact for a power of two, so the oracle multiplies there and divides elsewhere."""
+    rng = _rng(f"test_oracle.power_of_two.{temperature}")
+    teacher, student = rng.normal(0, 3, (4, 300)), rng.normal(0, 3, (4, 300))
+    assert_matches_mp(oracle.kl_from_logits(teacher, student, temperature), teacher, student, temperature)
+
+
+def _mixed_rows(test_id: str, rows: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 logits whose rows take the fast form and the phi-form: small KL, -inf, NaN rows."""
+    rng = _rng(test_id)
+    t = rng.normal(0, 3, (rows, classes)).astype(np.float32)
+    s = rng.normal(0, 3, (rows, classes)).astype(np.float32)
+    s[1::7] = t[1::7] + np.float32(1e-4) * rng.standard_normal(classes).astype(np.float32)  # KL ~ 1e-9
+    t[2::7, :3] = -np.inf
+    s[3::7, 5] = -np.inf
+    t[4::7, 9] = np.nan
+    return t, s
+
+
+def test_blocked_threaded_oracle_equals_the_single_block_phi_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks, threads and the fast form change nothing beyond 1e-13 relative; threads change no bit."""
+    t, s = _mixed_rows("test_oracle.blocked_threaded", 70, 8000)  # 560,000 elements: threaded
+    assert t.size >= oracle._THREAD_MIN_ELEMENTS
+    results = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        results[threads] = oracle.kl_from_logits(t, s, 0.7)
+    np.testing.assert_array_equal(results["1"], results["2"])
+    np.testing.assert_array_equal(results["1"], results["3"])
+    phi = oracle._kl_normalised_log(oracle.log_softmax(t, 0.7), oracle.log_softmax(s, 0.7))
+    np.testing.assert_array_equal(np.isnan(results["1"]), np.isnan(phi))
+    np.testing.assert_array_equal(np.isinf(results["1"]), np.isinf(phi))
+    finite = np.isfinite(phi)
+    assert finite.sum() >= 50 and np.isnan(phi).sum() >= 10 and np.isinf(phi).sum() >= 10
+    np.testing.assert_allclose(results["1"][finite], phi[finite], rtol=REL_TOL, atol=0)
+
+
+def test_fast_form_is_used_on_ordinary_rows_and_refused_on_cancelling_ones() -> None:
+    """The fast form is not a dead branch: it serves rows with an O(1) KL, not rows with KL ~ 1e-9."""
+    t, s = _mixed_rows("test_oracle.fast_form_rows", 14, 500)
+    calls: list[int] = []
+    original = oracle._kl_normalised_log
+
+    def counting(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+        calls.append(lp.shape[0])
+        return original(lp, lq)
+
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(oracle, "_kl_normalised_log", counting)
+        oracle.kl_from_logits(t, s, 1.0)
+    # rows 1, 8 (small KL), 2, 9 (teacher -inf), 3, 10 (student -inf), 4, 11 (NaN) leave the fast form
+    assert sum(calls) == 8
+
+
 # ------------------------------------------------------------------------- exact edge cases
 
 
