@@ -11,6 +11,8 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from klparity import grid
 from klparity.checks import ORACLES, Cell, CheckResult, failure_message, run_cell
 from klparity.dtypes import DTYPE_NAMES
 from klparity.frameworks import DEVICES, REGISTRY, cap_native_threads
+from klparity.frameworks.jax_adapter import JAX_CACHE_ENV
 from klparity.report import aggregate, environment, plain_table, write_json
 
 _RESULTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
@@ -42,6 +45,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--klparity-oracle", default="numpy", choices=ORACLES,
                 help="exact per-row KL: numpy (log-space oracle, default) or scipy (sum of "
                      "scipy.special.rel_entr over the float64 softmax, a cross-check)")  # fmt: skip
+    g.addoption("--klparity-jax-cache", default="", metavar="DIR",
+                help="JAX's persistent compilation cache: DIR, or 'none' (default: klparity-jax in pytest's "
+                     "cache directory, none with -p no:cacheprovider)")  # fmt: skip
     g.addoption("--klparity-scale", action="store_true", default=False,
                 help="run the scale tier (klparity.scale: C = 128256 and 256000, 2**28 elements, "
                      "several GiB of memory; skipped otherwise)")  # fmt: skip
@@ -59,7 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
         sel = grid.Selection(
             frameworks=grid.split_list(opt.klparity_frameworks, REGISTRY),
             dtypes=grid.split_list(opt.klparity_dtypes, DTYPE_NAMES),
-            devices=grid.split_list(opt.klparity_devices, DEVICES),
+            # no GPU cells unless a GPU could be there, or they are asked for (then skipped, with why)
+            devices=grid.split_list(opt.klparity_devices, DEVICES if _gpu_possible() else ("cpu",)),
             tier=opt.klparity_tier,
             seed=opt.klparity_seed,
         )
@@ -78,6 +85,9 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = 1  # -n auto already runs one worker per core
     if threads is not None:
         cap_native_threads(threads)
+    jax_cache = _jax_cache_dir(config)
+    if jax_cache:  # read by the JAX adapter when it first imports JAX (in this process only)
+        os.environ[JAX_CACHE_ENV] = jax_cache
     if opt.klparity_mutant:
         from klparity import mutants
 
@@ -87,9 +97,40 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(e)) from None
 
 
+def selection(config: pytest.Config) -> grid.Selection:
+    """The frameworks, dtypes, devices, tier and seed shift this run was asked for."""
+    return config.stash[_SELECTION_KEY]
+
+
+def _jax_cache_dir(config: pytest.Config) -> str | None:
+    """Where JAX keeps compiled kernels between runs: a cold run compiles ~200, a warm one none."""
+    choice = config.option.klparity_jax_cache
+    if choice == "none":
+        return None
+    if choice:
+        return str(Path(choice).resolve())
+    cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
+    return str(cache.mkdir("klparity-jax")) if cache is not None else None
+
+
+#: device nodes of a GPU a framework could use: NVIDIA, AMD ROCm (kfd), WSL2's paravirtual GPU (dxg)
+_GPU_NODE_PATTERNS = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+_NO_GPU_NODE = "no GPU device node (/dev/nvidia*, /dev/kfd, /dev/dxg) on this machine"
+
+
+def _gpu_nodes() -> list[str]:
+    return [node for pattern in _GPU_NODE_PATTERNS for node in glob.glob(pattern)]
+
+
+def _gpu_possible() -> bool:
+    """False only where no framework can see a GPU (Linux without device nodes): skip GPU cells at
+    collection, without importing a framework to ask it. Elsewhere each framework is asked at run time."""
+    return not sys.platform.startswith("linux") or bool(_gpu_nodes())
+
+
 def _gpu_hint() -> str:
-    nodes = glob.glob("/dev/nvidia[0-9]*")
-    return f"{len(nodes)} NVIDIA device node(s)" if nodes else "none visible (no /dev/nvidia* nodes)"
+    nodes = _gpu_nodes()
+    return f"{len(nodes)} GPU device node(s): {', '.join(nodes)}" if nodes else f"none ({_NO_GPU_NODE})"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -98,7 +139,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         "klparity: " + ", ".join(f"{k} {v}" for k, v in env.items() if k != "platform"),
         f"klparity: tier {sel.tier}, seed shift {sel.seed}, frameworks {','.join(sel.frameworks)}, "
-        f"dtypes {','.join(sel.dtypes)}, devices {','.join(sel.devices)}; GPU: {_gpu_hint()}",
+        f"dtypes {','.join(sel.dtypes)}, devices {','.join(sel.devices)}; GPU: {_gpu_hint()}"
+        + ("" if "gpu" in sel.devices else " (GPU cells not generated; --klparity-devices gpu makes them skip)"),
         f"klparity: exact KL from the {config.option.klparity_oracle} oracle",
     ]
 
@@ -112,7 +154,43 @@ def _cell_marks(framework: str, device: str) -> list[pytest.MarkDecorator]:
         marks.append(pytest.mark.skip(reason=adapter.missing_reason()))
     if device == "gpu":
         marks.append(pytest.mark.gpu)
+        if not _gpu_possible():
+            marks.append(pytest.mark.skip(reason=_NO_GPU_NODE))
     return marks
+
+
+_ID_HEAD = re.compile(r"\[([A-Za-z_]+)")
+
+
+def group_of(nodeid: str) -> str | None:
+    """The framework whose worker should run this test (from its id's first word), or None."""
+    head = _ID_HEAD.search(nodeid)
+    if head is None:
+        return None
+    for name, adapter in REGISTRY.items():
+        if head.group(1) in adapter.id_prefixes:
+            return name
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: every test of one framework in one worker, found from the test id.
+
+    pytest-xdist 3.8 marks a group by appending ``@group`` to ``item._nodeid``, which pytest 9.2 no
+    longer reads (pytest-xdist issue #1386): tests are then spread as if unmarked and every worker
+    imports every framework (and JAX compiles each kernel once per worker). This scheduler groups
+    by the id's first word instead, whatever the pytest version; other tests are spread one by one.
+    """
+    if config.getoption("dist", None) != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FrameworkGroups(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid) or nodeid
+
+    return FrameworkGroups(config, log)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

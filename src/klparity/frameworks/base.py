@@ -107,6 +107,8 @@ class Adapter(ABC):
     distribution: ClassVar[str]  #: distribution whose version is reported
     extra: ClassVar[str]  #: ``pip install klparity[extra]`` installs it
     dtypes: ClassVar[tuple[str, ...]]
+    #: first words of the test ids of this framework's cells, goldens and pinned facts (the xdist group)
+    id_prefixes: ClassVar[tuple[str, ...]]
     layouts: ClassVar[tuple[str, ...]] = ("contiguous",)
 
     def available(self) -> bool:

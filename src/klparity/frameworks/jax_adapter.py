@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -31,6 +32,8 @@ KL: Final = "optax.losses.kl_divergence"
 KL_LOG_TARGETS: Final = "optax.losses.kl_divergence_with_log_targets"
 REL_ENTR: Final = "jax.scipy.special.rel_entr"
 REDUCTIONS: Final = ("none",)  #: per-row values; none of the APIs reduces over the batch
+#: environment variable naming JAX's persistent compilation cache directory (set by the pytest plugin)
+JAX_CACHE_ENV: Final = "KLPARITY_JAX_CACHE"
 
 
 class JaxAdapter(Adapter):
@@ -40,6 +43,7 @@ class JaxAdapter(Adapter):
     module = "jax"
     distribution = "jax"
     extra = "jax"
+    id_prefixes = ("jax", "optax")
     dtypes = ("float16", "bfloat16", "float32", "float64")
     _mods: tuple[ModuleType, ModuleType] | None = None
     _losses: ClassVar[dict[str, Callable[[Any, Any, float], Any]]] = {}
@@ -62,6 +66,12 @@ class JaxAdapter(Adapter):
             import jax
             import optax
 
+            cache = os.environ.get(JAX_CACHE_ENV)
+            if cache:  # every kernel, however quick to compile: the suite compiles ~200 small ones
+                config: Any = jax.config
+                config.update("jax_compilation_cache_dir", cache)
+                config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+                config.update("jax_persistent_cache_min_entry_size_bytes", 0)
             JaxAdapter._mods = (jax, optax)
         return JaxAdapter._mods
 

@@ -37,6 +37,7 @@ class KerasAdapter(Adapter):
     module = "tensorflow"
     distribution = "tensorflow-cpu"
     extra = "tensorflow"
+    id_prefixes = ("keras", "tensorflow")
     dtypes = ("float16", "bfloat16", "float32", "float64")
     _mod: ModuleType | None = None
 

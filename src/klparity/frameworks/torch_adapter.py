@@ -43,6 +43,7 @@ class TorchAdapter(Adapter):
     module = "torch"
     distribution = "torch"
     extra = "torch"
+    id_prefixes = ("torch",)
     dtypes = ("float16", "bfloat16", "float32", "float64")
     layouts = ("contiguous", "transposed", "strided")
     _mod: ModuleType | None = None

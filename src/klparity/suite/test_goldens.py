@@ -37,11 +37,11 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from klparity import goldens, grid, oracle, tolerances
+from klparity import goldens, oracle, tolerances
 from klparity.checks import CheckResult, Exact, compare, overflow_reason
-from klparity.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
-from klparity.frameworks import DEVICES, REGISTRY, Adapter, Api
-from klparity.plugin import _cell_marks
+from klparity.dtypes import dtype_info, round_to, widen
+from klparity.frameworks import REGISTRY, Adapter, Api
+from klparity.plugin import _cell_marks, selection
 
 F64 = NDArray[np.float64]
 pytestmark = pytest.mark.equivalence
@@ -58,10 +58,6 @@ class GoldenCell(NamedTuple):
     golden: str
     dtype: str
     directory: Path
-
-
-def _selected(config: pytest.Config, option: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    return grid.split_list(config.getoption(option, default=""), default)
 
 
 def _in_quick_tier(case_id: str) -> bool:
@@ -84,19 +80,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                                                           marks=pytest.mark.skip(reason=reason))])  # fmt: skip
         return
     manifest = goldens.read_manifest(directory)
-    frameworks = _selected(config, "klparity_frameworks", tuple(REGISTRY))
-    dtypes = _selected(config, "klparity_dtypes", DTYPE_NAMES)
-    devices = _selected(config, "klparity_devices", DEVICES)
-    quick = config.getoption("--klparity-tier") == "quick"
+    sel = selection(config)
+    quick = sel.tier == "quick"
     params = []
-    for fw in frameworks:
+    for fw in sel.frameworks:
         adapter = REGISTRY[fw]
-        for device in devices:
+        for device in sel.devices:
             marks = _cell_marks(fw, device)  # skip if absent, gpu mark, one xdist group per framework
             for case in manifest["cases"]:
                 if quick and not _in_quick_tier(case["id"]):
                     continue
-                if case["dtype"] in dtypes and case["dtype"] in adapter.dtypes:
+                if case["dtype"] in sel.dtypes and case["dtype"] in adapter.dtypes:
                     cell = GoldenCell(fw, device, case["id"], case["dtype"], directory)
                     params.append(pytest.param(cell, id=f"{fw}-{device}-{case['id']}", marks=marks))
     metafunc.parametrize("golden_cell", params)
