@@ -1,0 +1,74 @@
+"""Tests of how the plugin spreads tests over xdist workers and which GPU cells it generates."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from klparity import plugin
+
+
+@pytest.mark.parametrize(
+    ("nodeid", "group"),
+    [
+        ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss(log_target=False)-float16-cpu]", "torch"),
+        ("tests/equivalence/test_forward.py::test_forward[keras.losses.KLDivergence()-float32-cpu]", "tensorflow"),
+        ("tests/equivalence/test_forward.py::test_forward[optax.losses.kl_divergence()-float32-cpu]", "jax"),
+        ("tests/equivalence/test_forward.py::test_forward[jax.scipy.special.rel_entr-float32-cpu]", "jax"),
+        ("tests/equivalence/test_goldens.py::test_goldens[tensorflow-cpu-gauss3_8x10_T1-float16]", "tensorflow"),
+        ("tests/equivalence/test_pinned.py::test_pinned_fact[torch.default_reduction_mean]", "torch"),
+        ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss()-float16-cpu]@torch", "torch"),
+        ("tests/unit/test_oracle.py::test_seed_article_example_matches_mpmath", None),
+        ("tests/unit/test_oracle.py::test_bad_temperature_is_refused[nan-finite]", None),
+    ],
+)
+def test_group_of_reads_the_framework_from_the_test_id(nodeid: str, group: str | None) -> None:
+    assert plugin.group_of(nodeid) == group
+
+
+def test_each_framework_runs_in_one_worker(tmp_path: Path) -> None:
+    """The real scheduler under ``-n 2``: a framework's tests share a worker, other tests spread."""
+    log = tmp_path / "log.txt"
+    (tmp_path / "test_spread.py").write_text(
+        textwrap.dedent(
+            f"""
+            import os, pytest
+
+            IDS = [f"{{fw}}.case{{i}}" for fw in ("torch", "keras", "optax") for i in range(6)]
+            IDS += [f"free{{i}}" for i in range(12)]
+
+            @pytest.mark.parametrize("name", IDS)
+            def test_x(name):
+                with open({str(log)!r}, "a") as f:
+                    f.write(f"{{os.environ['PYTEST_XDIST_WORKER']}} {{name}}\\n")
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    cmd = [sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-q", "-p", "no:cacheprovider",
+           str(tmp_path / "test_spread.py")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    workers: dict[str, set[str]] = {}
+    for line in log.read_text().splitlines():
+        worker, name = line.split()
+        workers.setdefault(name.split(".")[0] if "." in name else "free", set()).add(worker)
+    assert all(len(workers[fw]) == 1 for fw in ("torch", "keras", "optax")), workers
+    assert len(workers["free"]) == 2, workers  # ungrouped tests are not pinned to one worker
+
+
+def test_gpu_cells_are_not_generated_without_a_gpu_device_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plugin.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(plugin.sys, "platform", "linux")
+    assert not plugin._gpu_possible()
+    assert "no GPU device node" in plugin._gpu_hint()
+    skip = [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
+    assert skip and "no GPU device node" in skip[0].kwargs["reason"]
+    monkeypatch.setattr(plugin.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    assert plugin._gpu_possible()
+    assert not [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
