@@ -159,17 +159,18 @@ def _cell_marks(framework: str, device: str) -> list[pytest.MarkDecorator]:
     return marks
 
 
-_ID_HEAD = re.compile(r"\[([A-Za-z_]+)")
+_ID_HEAD = re.compile(r"::(\w+)\[([A-Za-z_]+)")
 
 
 def group_of(nodeid: str) -> str | None:
-    """The framework whose worker should run this test (from its id's first word), or None."""
+    """The xdist group of a test, from its id: its framework (``jax:<test>`` for frameworks that
+    group per test function), or None for a test of no framework."""
     head = _ID_HEAD.search(nodeid)
     if head is None:
         return None
     for name, adapter in REGISTRY.items():
-        if head.group(1) in adapter.id_prefixes:
-            return name
+        if head.group(2) in adapter.id_prefixes:
+            return f"{name}:{head.group(1)}" if adapter.group_per_test else name
     return None
 
 
@@ -180,7 +181,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     pytest-xdist 3.8 marks a group by appending ``@group`` to ``item._nodeid``, which pytest 9.2 no
     longer reads (pytest-xdist issue #1386): tests are then spread as if unmarked and every worker
     imports every framework (and JAX compiles each kernel once per worker). This scheduler groups
-    by the id's first word instead, whatever the pytest version; other tests are spread one by one.
+    by the id's first word instead (``group_of``), whatever the pytest version; other tests are
+    spread one by one.
     """
     if config.getoption("dist", None) != "loadgroup":
         return None

@@ -18,8 +18,9 @@ from klparity import plugin
     [
         ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss(log_target=False)-float16-cpu]", "torch"),
         ("tests/equivalence/test_forward.py::test_forward[keras.losses.KLDivergence()-float32-cpu]", "tensorflow"),
-        ("tests/equivalence/test_forward.py::test_forward[optax.losses.kl_divergence()-float32-cpu]", "jax"),
-        ("tests/equivalence/test_forward.py::test_forward[jax.scipy.special.rel_entr-float32-cpu]", "jax"),
+        ("tests/equivalence/test_forward.py::test_forward[optax.losses.kl_divergence()-float32]", "jax:test_forward"),
+        ("tests/equivalence/test_forward.py::test_forward[jax.scipy.special.rel_entr-float32-cpu]", "jax:test_forward"),
+        ("tests/equivalence/test_goldens.py::test_goldens[jax-cpu-gauss3_8x10_T1-float16]", "jax:test_goldens"),
         ("tests/equivalence/test_goldens.py::test_goldens[tensorflow-cpu-gauss3_8x10_T1-float16]", "tensorflow"),
         ("tests/equivalence/test_pinned.py::test_pinned_fact[torch.default_reduction_mean]", "torch"),
         ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss()-float16-cpu]@torch", "torch"),

@@ -44,6 +44,7 @@ class JaxAdapter(Adapter):
     distribution = "jax"
     extra = "jax"
     id_prefixes = ("jax", "optax")
+    group_per_test = True  # forward cells and goldens share no kernel shapes; the import is ~1 s
     dtypes = ("float16", "bfloat16", "float32", "float64")
     _mods: tuple[ModuleType, ModuleType] | None = None
     _losses: ClassVar[dict[str, Callable[[Any, Any, float], Any]]] = {}

@@ -21,7 +21,9 @@ def test_pinned_fact(name: str) -> None:
         pytest.fail(message, pytrace=False)
 
 
-def test_a_fact_that_stops_holding_says_which_old_new_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+# parametrized by the fact's name so that its id names the framework, and it runs in torch's worker
+@pytest.mark.parametrize("name", ["torch.default_reduction_mean"])
+def test_a_fact_that_stops_holding_says_which_old_new_and_version(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inject a change (torch's default reduction becomes 'batchmean', silently): the message stands alone."""
     if not REGISTRY["torch"].available():
         pytest.skip(REGISTRY["torch"].missing_reason())
@@ -33,7 +35,7 @@ def test_a_fact_that_stops_holding_says_which_old_new_and_version(monkeypatch: p
         return original(inp, tgt, *a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "kl_div", batchmean_default)
-    ok, got, message = check(FACTS["torch.default_reduction_mean"])
+    ok, got, message = check(FACTS[name])
     assert not ok
     # nn.KLDivLoss passes its own default ('mean') explicitly, so only the function changed
     assert got.value["F.kl_div"] == "B" and got.value["nn.KLDivLoss"] == "numel"
