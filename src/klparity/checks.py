@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
 import numpy as np
@@ -95,10 +95,14 @@ class CheckResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with JSON-safe floats (inf/nan as strings)."""
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                d[k] = str(v)
+        d: dict[str, Any] = {}
+        for f in fields(self):  # shallow: asdict's deep copies cost more than the check itself
+            v = getattr(self, f.name)
+            if isinstance(v, list):
+                v = list(v)
+            elif isinstance(v, float) and not math.isfinite(v):
+                v = str(v)
+            d[f.name] = v
         return d
 
 
@@ -175,6 +179,9 @@ def compare(res: CheckResult, obs: F64, ref: F64, tol: F64 | float) -> None:
     if obs.shape != ref.shape:
         res.fail(f"result shape {obs.shape}, expected {ref.shape}")
         return
+    if np.isfinite(obs).all() and np.isfinite(ref).all():  # the common case: no NaN/inf pattern to match
+        _compare_finite(res, obs, ref, tol_a, np.ones(ref.shape, dtype=bool))
+        return
     nan_o, nan_r = np.isnan(obs), np.isnan(ref)
     if (nan_o & ~nan_r).any():
         i = nan_o & ~nan_r
@@ -190,8 +197,12 @@ def compare(res: CheckResult, obs: F64, ref: F64, tol: F64 | float) -> None:
         res.fail(f"reference is {ref[tuple(np.argwhere(i)[0])]} at {_index(i)}, got "
                  f"{obs[tuple(np.argwhere(i)[0])]:.17g}")  # fmt: skip
     fin = np.isfinite(ref) & ~nan_o
-    if not fin.any():
-        return
+    if fin.any():
+        _compare_finite(res, obs, ref, tol_a, fin)
+
+
+def _compare_finite(res: CheckResult, obs: F64, ref: F64, tol_a: F64, fin: NDArray[np.bool_]) -> None:
+    """The value part of ``compare``, on the entries ``fin`` where the reference is finite."""
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         err = np.abs(obs[fin] - ref[fin])
         t = tol_a[fin]

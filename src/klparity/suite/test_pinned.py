@@ -6,11 +6,18 @@ import pytest
 
 from klparity.frameworks import REGISTRY
 from klparity.pinned import FACTS, check
+from klparity.plugin import selection
 
 pytestmark = pytest.mark.equivalence
 
 
-@pytest.mark.parametrize("name", list(FACTS))
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """One test per fact of the selected frameworks (``--klparity-frameworks``)."""
+    if metafunc.function.__name__ == "test_pinned_fact":
+        frameworks = selection(metafunc.config).frameworks
+        metafunc.parametrize("name", [n for n, f in FACTS.items() if f.framework in frameworks])
+
+
 def test_pinned_fact(name: str) -> None:
     """The probe's measurement equals the pinned value; otherwise the message says what changed, and where."""
     f = FACTS[name]
@@ -23,8 +30,12 @@ def test_pinned_fact(name: str) -> None:
 
 # parametrized by the fact's name so that its id names the framework, and it runs in torch's worker
 @pytest.mark.parametrize("name", ["torch.default_reduction_mean"])
-def test_a_fact_that_stops_holding_says_which_old_new_and_version(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fact_that_stops_holding_says_which_old_new_and_version(
+    name: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """Inject a change (torch's default reduction becomes 'batchmean', silently): the message stands alone."""
+    if "torch" not in selection(request.config).frameworks:
+        pytest.skip("torch is not among --klparity-frameworks")
     if not REGISTRY["torch"].available():
         pytest.skip(REGISTRY["torch"].missing_reason())
     torch = pytest.importorskip("torch")
