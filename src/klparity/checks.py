@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -57,6 +57,12 @@ DIFFERENCES: Final[dict[str, str]] = {
     "jax.rel_entr_nan_is_inf": "jax.scipy.special.rel_entr(p, q) is +inf, not NaN, where p or q is NaN "
     "(neither its p > 0 nor its p == 0 branch holds; SciPy's rel_entr gives NaN): a row with a NaN logit "
     "sums to +inf where the exact KL is NaN",
+    "optax.underflow_times_inf_nan": "a teacher probability that underflows to 0 in the tested dtype, "
+    "on a class where the student is -inf, gives 0 * inf = NaN in both optax losses (as in torch); the "
+    "exact KL is +inf",
+    "jax.rel_entr_underflow_hides_inf": "a teacher probability that underflows to 0 in the compute dtype, "
+    "on a class where the student is -inf, makes that term rel_entr(0, 0) = 0: the row is finite where "
+    "the exact KL is +inf",
     "jax.rel_entr_underflow_inf": "rel_entr takes probabilities: where the student's softmax underflows "
     "to 0 in the compute dtype (below half its smallest subnormal, or below its smallest normal where the "
     "backend flushes subnormals, as XLA:CPU does) and the teacher's does not, the term is +inf although "
@@ -250,17 +256,22 @@ def _rounding_band(ex: Exact, dtype: str) -> F64:
     return np.asarray(np.minimum(0.5, 4.0 * u * rho), np.float64)
 
 
-def _underflow_meets_student_inf(ex: Exact, dtype: str) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+def _underflow_meets_student_inf(
+    ex: Exact, dtype: str, flushes: bool = False
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
     """Classes where the student is -inf and the teacher's mass underflows to 0 in ``dtype``.
 
-    There torch computes 0 * inf = NaN where the exact KL is +inf. Returns (surely, maybe): the
-    probability is below half the smallest subnormal even after its rounding error, or near it.
+    There torch (and optax) compute 0 * inf = NaN where the exact KL is +inf. Returns (surely, maybe):
+    the probability is below half the smallest subnormal even after its rounding error, or near it
+    (up to the smallest normal number when the backend ``flushes`` subnormals to zero).
     """
-    half = 0.5 * dtype_info(dtype).smallest_subnormal
+    info = dtype_info(dtype)
+    half = 0.5 * info.smallest_subnormal
+    top = info.smallest_normal if flushes else half
     band = _rounding_band(ex, dtype)
     student_inf = (ex.lq == -np.inf) & (ex.p > 0)
     surely = student_inf & (ex.p * (1.0 + band) < half)
-    maybe = student_inf & ~surely & (ex.p * (1.0 - band) <= half)
+    maybe = student_inf & ~surely & (ex.p * (1.0 - band) <= top)
     return surely, maybe
 
 
@@ -410,20 +421,14 @@ def _alternatives(obs: F64, exp: Expectation, shape: tuple[int, ...]) -> str:
 # (tests/unit/test_jax_adapter.py runs optax in float64 against it on special values).
 
 
-def rel_entr_inf_rows(
-    ex: Exact, framework: str, dtype: str
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Rows where ``sum(jax.scipy.special.rel_entr(p, q), -1)`` is +inf in ``dtype``: (surely, possibly).
+def _xla_flushes(dtype: str) -> bool:
+    """XLA:CPU flushes float32, bfloat16 and float64 subnormals to zero, not float16 (computed in float32)."""
+    return dtype != "float16"
 
-    JAX computes p and q = softmax(z) as exp(z - max z) / sum in ``dtype``; rel_entr is +inf where
-    q_j = 0 < p_j, and for NaN arguments. A probability is surely 0 where its logit is -inf or where
-    exp(z_j - max z) is below half the smallest subnormal even after the softmax stage's error (it rounds
-    to 0 under any rounding or flushing, and division keeps it 0); surely nonzero where it exceeds the
-    smallest normal after that error (some backends flush subnormals: XLA:CPU does for float32, float64
-    and bfloat16, not for float16, which it computes in float32). In between the backend and rounding
-    decide. The error of log p_j is the tolerance model's softmax-stage term, c_in u (|z_j| + max|z| +
-    log2 C + 1), with c_in from the (framework, dtype) row.
-    """
+
+def _rel_entr_masks(ex: Exact, framework: str, dtype: str) -> dict[str, NDArray[np.bool_]]:
+    """Per class: p or q surely 0 (``p_zero``, ``q_zero``) or surely nonzero (``p_kept``, ``q_kept``)
+    in ``dtype``, as ``rel_entr_inf_rows`` describes; ``nan_rows`` per row."""
     info, row = dtype_info(dtype), table_row(framework, dtype)
     log2c = math.log2(max(ex.p.shape[-1], 2))
     log_half_eta = math.log(info.smallest_subnormal) - math.log(2.0)
@@ -441,9 +446,27 @@ def rel_entr_inf_rows(
 
     p_zero, p_kept = zero_and_kept(ex.zt, ex.lp)
     q_zero, q_kept = zero_and_kept(ex.zs, ex.lq)
-    nan_rows = np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1)
-    surely = np.any(q_zero & p_kept, axis=-1) | nan_rows
-    possibly = surely | np.any(~q_kept & ~p_zero, axis=-1)
+    nan_rows = np.asarray(np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1), dtype=np.bool_)
+    return {"p_zero": p_zero, "p_kept": p_kept, "q_zero": q_zero, "q_kept": q_kept, "nan_rows": nan_rows}
+
+
+def rel_entr_inf_rows(
+    ex: Exact, framework: str, dtype: str
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Rows where ``sum(jax.scipy.special.rel_entr(p, q), -1)`` is +inf in ``dtype``: (surely, possibly).
+
+    JAX computes p and q = softmax(z) as exp(z - max z) / sum in ``dtype``; rel_entr is +inf where
+    q_j = 0 < p_j, and for NaN arguments. A probability is surely 0 where its logit is -inf or where
+    exp(z_j - max z) is below half the smallest subnormal even after the softmax stage's error (it rounds
+    to 0 under any rounding or flushing, and division keeps it 0); surely nonzero where it exceeds the
+    smallest normal after that error (some backends flush subnormals: XLA:CPU does for float32, float64
+    and bfloat16, not for float16, which it computes in float32). In between the backend and rounding
+    decide. The error of log p_j is the tolerance model's softmax-stage term, c_in u (|z_j| + max|z| +
+    log2 C + 1), with c_in from the (framework, dtype) row.
+    """
+    m = _rel_entr_masks(ex, framework, dtype)
+    surely = np.any(m["q_zero"] & m["p_kept"], axis=-1) | m["nan_rows"]
+    possibly = surely | np.any(~m["q_kept"] & ~m["p_zero"], axis=-1)
     return surely, possibly
 
 
@@ -454,19 +477,28 @@ def _optax_expectations(
     rel_entr = api.entry == JAX_REL_ENTR
     bud = budget(framework=framework, input_dtype=dtype, compute_dtype=dtype, p=ex.p, q=ex.q, zt=ex.zt,
                  zs=ex.zs, student_is_probability=rel_entr, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
-    inf_allowed = None
-    if api.entry == OPTAX_KL:
-        value = np.sum(oracle.torch_pointwise(ex.lq, ex.p, log_target=False), axis=-1)
-    elif api.entry == OPTAX_KL_LOG_TARGETS:
-        value = np.sum(oracle.torch_pointwise(ex.lq, ex.lp, log_target=True), axis=-1)
+    inf_allowed = nan_allowed = None
+    if api.entry in (OPTAX_KL, OPTAX_KL_LOG_TARGETS):
+        # teacher mass that underflows to 0 where the student is -inf: 0 * inf = NaN, as in torch
+        flushed, maybe = _underflow_meets_student_inf(ex, dtype, flushes=_xla_flushes(dtype))
+        if api.entry == OPTAX_KL:
+            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, 0.0, ex.p), log_target=False)
+        else:
+            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
+        value = np.sum(pointwise, axis=-1)
+        nan_allowed = np.asarray(maybe.any(axis=-1))
     elif rel_entr:
         surely, possibly = rel_entr_inf_rows(ex, framework, dtype)
-        value = np.where(surely, np.inf, oracle.kl_from_log_probs(ex.lp, ex.lq))
+        # where the student is -inf, teacher mass that is not surely kept may be 0: rel_entr(0, 0) = 0
+        # there (the value below; +inf is allowed too, through ``possibly``)
+        dropped = (ex.lq == -np.inf) & ~_rel_entr_masks(ex, framework, dtype)["p_kept"]
+        value = np.where(surely, np.inf, oracle.kl_from_log_probs(np.where(dropped, -np.inf, ex.lp), ex.lq))
         inf_allowed = possibly & ~surely
     else:
         raise ValueError(f"no optax-semantics formula for {api.entry!r}")
     exp = Expectation(value=np.asarray(value, np.float64), tolerance=bud.rows(), exact=ex.rows,
-                      gap_bound=None, dtype=dtype, must_warn=None, inf_allowed=inf_allowed)  # fmt: skip
+                      gap_bound=None, dtype=dtype, must_warn=None, inf_allowed=inf_allowed,
+                      nan_allowed=nan_allowed)  # fmt: skip
     return {red: exp for red in api.reductions}, bud
 
 
@@ -542,7 +574,13 @@ def _optax_differences(api: Api, ex: Exact, compute: str) -> list[str]:
         found.append("optax.masked_class_nan")
     if api.entry == OPTAX_KL_LOG_TARGETS and np.any(ex.lp == -np.inf):
         found.append("optax.log_targets_zero_target_nan")
+    if api.entry in (OPTAX_KL, OPTAX_KL_LOG_TARGETS):
+        surely, maybe = _underflow_meets_student_inf(ex, compute, flushes=_xla_flushes(compute))
+        if np.any(surely | maybe):
+            found.append("optax.underflow_times_inf_nan")
     if api.entry == JAX_REL_ENTR:
+        if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~_rel_entr_masks(ex, api.framework, compute)["p_kept"]):
+            found.append("jax.rel_entr_underflow_hides_inf")
         nan_rows = np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1)
         if np.any(nan_rows):
             found.append("jax.rel_entr_nan_is_inf")
@@ -680,8 +718,30 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
     return out
 
 
-def failure_message(cell: Cell, shift: int, results: list[CheckResult]) -> str:
-    """A message that stands alone: what, where, how far off, the tolerance's reason, a repro."""
+class _CaseLike(Protocol):
+    @property
+    def id(self) -> str: ...
+    def seed(self, shift: int) -> int: ...
+
+
+class _Located(Protocol):
+    """What a failure message names: a cell of any tier (forward, scale)."""
+
+    @property
+    def api(self) -> Api: ...
+    @property
+    def case(self) -> _CaseLike: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def layout(self) -> str: ...
+
+
+def failure_message(cell: _Located, shift: int, results: list[CheckResult], repro_line: str | None = None) -> str:
+    """A message that stands alone: what, where, how far off, the tolerance's reason, a repro
+    (``repro_line``, by default the ``klparity run-cell`` command of a forward cell)."""
     bad = [r for r in results if not r.ok]
     lines = [f"{cell.api.id} on {cell.case.id} (seed {cell.case.seed(shift)}), {cell.dtype}, "
              f"{cell.device}, {cell.layout}: {len(bad)} of {len(results)} reductions failed"]  # fmt: skip
@@ -690,5 +750,5 @@ def failure_message(cell: Cell, shift: int, results: list[CheckResult]) -> str:
                      f"tolerance {r.tolerance:.3g}")  # fmt: skip
         lines += [f"    - {p}" for p in r.problems]
     lines.append(f"  tolerance: {bad[0].reason if bad else ''}")
-    lines.append(f"  repro: {repro(cell, shift)}")
+    lines.append(f"  repro: {repro_line if repro_line is not None else repro(cast(Cell, cell), shift)}")
     return "\n".join(lines)

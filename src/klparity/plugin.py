@@ -13,9 +13,9 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -195,48 +195,49 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return FrameworkGroups(config, log)
 
 
+class _Parametrisable(Protocol):
+    @property
+    def framework(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+
+
+def _parametrize(
+    metafunc: pytest.Metafunc,
+    argname: str,
+    cells: Iterable[_Parametrisable],
+    extra: Sequence[pytest.MarkDecorator] = (),
+) -> None:
+    """One test per cell, with its id, the framework's marks (``_cell_marks``) and ``extra`` first."""
+    params = [pytest.param(c, id=c.id, marks=[*extra, *_cell_marks(c.framework, c.device)]) for c in cells]
+    metafunc.parametrize(argname, params)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "kl_cell" not in metafunc.fixturenames:
-        return
-    sel = metafunc.config.stash[_SELECTION_KEY]
-    params = []
-    for cell in grid.cells(sel):
-        marks = _cell_marks(cell.framework, cell.device)
-        params.append(pytest.param(cell, id=cell.id, marks=marks))
-    metafunc.parametrize("kl_cell", params)
+    if "kl_cell" in metafunc.fixturenames:
+        _parametrize(metafunc, "kl_cell", grid.cells(metafunc.config.stash[_SELECTION_KEY]))
 
 
 @pytest.hookimpl(specname="pytest_generate_tests")
 def pytest_generate_tests_gradients(metafunc: pytest.Metafunc) -> None:
     """Parametrise ``kl_grad_cell`` with the gradient cells of the selected tier."""
-    if "kl_grad_cell" not in metafunc.fixturenames:
-        return
-    from klparity.gradients import grad_cells
+    if "kl_grad_cell" in metafunc.fixturenames:
+        from klparity.gradients import grad_cells
 
-    sel = metafunc.config.stash[_SELECTION_KEY]
-    params = []
-    for cell in grad_cells(sel):
-        marks = _cell_marks(cell.framework, cell.device)
-        params.append(pytest.param(cell, id=cell.id, marks=marks))
-    metafunc.parametrize("kl_grad_cell", params)
+        _parametrize(metafunc, "kl_grad_cell", grad_cells(metafunc.config.stash[_SELECTION_KEY]))
 
 
 @pytest.hookimpl(specname="pytest_generate_tests")
 def pytest_generate_tests_scale(metafunc: pytest.Metafunc) -> None:
     """Parametrise ``kl_scale_cell`` with the scale cells of the selection (skipped without --klparity-scale)."""
-    if "kl_scale_cell" not in metafunc.fixturenames:
-        return
-    from klparity import scale
+    if "kl_scale_cell" in metafunc.fixturenames:
+        from klparity import scale
 
-    sel = metafunc.config.stash[_SELECTION_KEY]
-    enabled = metafunc.config.option.klparity_scale
-    params = []
-    for cell in scale.cells(sel):
-        marks = [pytest.mark.scale, *_cell_marks(cell.framework, cell.device)]
-        if not enabled:
-            marks.insert(0, pytest.mark.skip(reason=scale.DISABLED_REASON))
-        params.append(pytest.param(cell, id=cell.id, marks=marks))
-    metafunc.parametrize("kl_scale_cell", params)
+        extra = [] if metafunc.config.option.klparity_scale else [pytest.mark.skip(reason=scale.DISABLED_REASON)]
+        cells = scale.cells(metafunc.config.stash[_SELECTION_KEY])
+        _parametrize(metafunc, "kl_scale_cell", cells, [*extra, pytest.mark.scale])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -694,17 +694,8 @@ def repro(cell: ScaleCell, shift: int) -> str:
 
 
 def failure_message(cell: ScaleCell, shift: int, results: list[CheckResult]) -> str:
-    """The suite's failure message (``checks.failure_message``) for a scale cell."""
-    bad = [r for r in results if not r.ok]
-    lines = [f"{cell.api.id} on {cell.case.id} (seed {cell.case.seed(shift)}), {cell.dtype}, "
-             f"{cell.device}, {cell.layout}: {len(bad)} of {len(results)} reductions failed"]  # fmt: skip
-    for r in bad:
-        lines.append(f"  reduction={r.reduction}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, "
-                     f"tolerance {r.tolerance:.3g}")  # fmt: skip
-        lines += [f"    - {p}" for p in r.problems]
-    lines.append(f"  tolerance: {bad[0].reason if bad else ''}")
-    lines.append(f"  repro: {repro(cell, shift)}")
-    return "\n".join(lines)
+    """The suite's failure message (``checks.failure_message``) for a scale cell, with its repro."""
+    return checks.failure_message(cell, shift, results, repro(cell, shift))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
