@@ -186,7 +186,7 @@ def compare(res: CheckResult, obs: F64, ref: F64, tol: F64 | float) -> None:
         res.fail(f"result shape {obs.shape}, expected {ref.shape}")
         return
     if np.isfinite(obs).all() and np.isfinite(ref).all():  # the common case: no NaN/inf pattern to match
-        _compare_finite(res, obs, ref, tol_a, np.ones(ref.shape, dtype=bool))
+        _compare_finite(res, obs, ref, tol_a, None)
         return
     nan_o, nan_r = np.isnan(obs), np.isnan(ref)
     if (nan_o & ~nan_r).any():
@@ -207,25 +207,34 @@ def compare(res: CheckResult, obs: F64, ref: F64, tol: F64 | float) -> None:
         _compare_finite(res, obs, ref, tol_a, fin)
 
 
-def _compare_finite(res: CheckResult, obs: F64, ref: F64, tol_a: F64, fin: NDArray[np.bool_]) -> None:
-    """The value part of ``compare``, on the entries ``fin`` where the reference is finite."""
+def _compare_finite(res: CheckResult, obs: F64, ref: F64, tol_a: F64, fin: NDArray[np.bool_] | None) -> None:
+    """The value part of ``compare``, on the entries ``fin`` where the reference is finite (None: all)."""
+    if fin is None:  # views, no copies: the common case, and the arrays can be large (gradients)
+        o, r, t = obs.reshape(-1), ref.reshape(-1), np.broadcast_to(tol_a, ref.shape).reshape(-1)
+    else:
+        o, r, t = obs[fin], ref[fin], tol_a[fin]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        err = np.abs(obs[fin] - ref[fin])
-        t = tol_a[fin]
-        nz = ref[fin] != 0  # relative error is undefined where the reference is exactly 0
-        rel = err[nz] / np.abs(ref[fin][nz])
-        ratio = np.where(t > 0, err / t, np.where(err == 0, 0.0, np.inf))
+        err = np.abs(o - r)
+        absr = np.abs(r)
+        # relative error is undefined where the reference is exactly 0; a zero tolerance allows no error
+        rel = np.divide(err, absr, out=np.zeros_like(err), where=absr != 0)
+        ratio = np.divide(err, t, out=np.where(err == 0, 0.0, np.inf), where=t > 0)
+    k = int(np.argmax(ratio))
     res.max_abs = max(res.max_abs, float(np.max(err)))
-    res.max_rel = max(res.max_rel, float(np.max(rel)) if rel.size else 0.0)
-    res.tightness = max(res.tightness, float(np.max(ratio)))
+    res.max_rel = max(res.max_rel, float(np.max(rel)))
+    res.tightness = max(res.tightness, float(ratio[k]))
     res.tolerance = max(res.tolerance, float(np.max(t)))
-    bad = ratio > 1.0
-    if bad.any():
-        k = int(np.argmax(ratio))
-        where = tuple(int(v) for v in np.argwhere(fin)[k]) if ref.ndim else ()
+    if ratio[k] > 1.0:
+        n_bad = int(np.count_nonzero(ratio > 1.0))
+        if not ref.ndim:
+            where: tuple[int, ...] = ()
+        elif fin is None:
+            where = tuple(int(v) for v in np.unravel_index(k, ref.shape))
+        else:
+            where = tuple(int(v) for v in np.argwhere(fin)[k])
         res.fail(f"error {float(err[k]):.3g} exceeds tolerance {float(t[k]):.3g} "
-                 f"({float(ratio[k]):.3g}x) at {where}: got {float(obs[fin][k]):.17g}, "
-                 f"reference {float(ref[fin][k]):.17g}, {int(bad.sum())} of {bad.size} entries off")  # fmt: skip
+                 f"({float(ratio[k]):.3g}x) at {where}: got {float(o[k]):.17g}, "
+                 f"reference {float(r[k]):.17g}, {n_bad} of {ratio.size} entries off")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- API semantics

@@ -160,16 +160,22 @@ def _cell_marks(framework: str, device: str) -> list[pytest.MarkDecorator]:
 
 
 _ID_HEAD = re.compile(r"::(\w+)\[([A-Za-z_]+)")
+_ID_DTYPE = re.compile(r"-(" + "|".join(DTYPE_NAMES) + r")(?=-|\]|$)")
 
 
-def group_of(nodeid: str) -> str | None:
+def group_of(nodeid: str, fine: bool = False) -> str | None:
     """The xdist group of a test, from its id: its framework (``jax:<test>`` for frameworks that
-    group per test function), or None for a test of no framework."""
+    group per test function), or None for a test of no framework. ``fine`` (the full tier, where
+    run time dwarfs imports and one framework's tests would leave the other workers idle): one group
+    per framework, test function and dtype."""
     head = _ID_HEAD.search(nodeid)
     if head is None:
         return None
     for name, adapter in REGISTRY.items():
         if head.group(2) in adapter.id_prefixes:
+            if fine:
+                dtype = _ID_DTYPE.search(nodeid)
+                return f"{name}:{head.group(1)}:{dtype.group(1) if dtype else ''}"
             return f"{name}:{head.group(1)}" if adapter.group_per_test else name
     return None
 
@@ -188,9 +194,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    fine = config.getoption("klparity_tier", "quick") == "full"
+
     class FrameworkGroups(LoadScopeScheduling):  # type: ignore[misc]
         def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid) or nodeid
+            return group_of(nodeid, fine) or nodeid
 
     return FrameworkGroups(config, log)
 

@@ -32,6 +32,22 @@ def test_group_of_reads_the_framework_from_the_test_id(nodeid: str, group: str |
     assert plugin.group_of(nodeid) == group
 
 
+@pytest.mark.parametrize(
+    ("nodeid", "group"),
+    [
+        ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss()-float16-cpu-contiguous-x_T1]",
+         "torch:test_forward:float16"),
+        ("tests/equivalence/test_gradients.py::test_gradients[keras.losses.KLDivergence()-bfloat16-cpu-x]",
+         "tensorflow:test_gradients:bfloat16"),
+        ("tests/equivalence/test_goldens.py::test_goldens[jax-cpu-gauss3_8x10_T1-float64]", "jax:test_goldens:float64"),
+        ("tests/equivalence/test_pinned.py::test_pinned_fact[torch.default_reduction_mean]", "torch:test_pinned_fact:"),
+        ("tests/unit/test_oracle.py::test_seed_article_example_matches_mpmath", None),
+    ],
+)  # fmt: skip
+def test_full_tier_groups_by_framework_test_and_dtype(nodeid: str, group: str | None) -> None:
+    assert plugin.group_of(nodeid, fine=True) == group
+
+
 def test_each_framework_runs_in_one_worker(tmp_path: Path) -> None:
     """The real scheduler under ``-n 2``: a framework's tests share a worker, other tests spread."""
     log = tmp_path / "log.txt"
