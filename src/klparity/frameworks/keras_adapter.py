@@ -143,12 +143,15 @@ class KerasAdapter(Adapter):
         with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
             t = tf.cast(tf.constant(teacher.astype(np.float64)), dtype)
             s = tf.cast(tf.constant(student.astype(np.float64)), dtype)
-            for red in api.reductions:
-                with tf.GradientTape() as tape:
-                    tape.watch([t, s])
-                    y_true = tf.nn.softmax(t / temperature, axis=-1)
-                    y_pred = tf.nn.softmax(s / temperature, axis=-1)
-                    res = _loss(keras, api, red, y_true, y_pred)
+            # one persistent tape: the softmax stage is recorded once, each reduction differentiated alone
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch([t, s])
+                y_true = tf.nn.softmax(t / temperature, axis=-1)
+                y_pred = tf.nn.softmax(s / temperature, axis=-1)
+                losses = {red: _loss(keras, api, red, y_true, y_pred) for red in api.reductions}
+            seen_t = np.asarray(y_true.numpy()).astype(np.float64)
+            seen_p = np.asarray(y_pred.numpy()).astype(np.float64)
+            for red, res in losses.items():
                 g_t, g_s = tape.gradient(res, [t, s])
                 if g_s is None:
                     raise RuntimeError(f"{api.id} returned no gradient w.r.t. y_pred")
@@ -156,7 +159,7 @@ class KerasAdapter(Adapter):
                     student=np.asarray(g_s.numpy()).astype(np.float64),
                     teacher=None if g_t is None else np.asarray(g_t.numpy()).astype(np.float64),
                     dtype=g_s.dtype.name,
-                    seen_target=np.asarray(y_true.numpy()).astype(np.float64),
-                    seen_input=np.asarray(y_pred.numpy()).astype(np.float64),
+                    seen_target=seen_t,
+                    seen_input=seen_p,
                 )
         return out
