@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from klparity import grid, oracle
+from klparity import cases, grid, oracle
 from klparity.checks import Cell, CheckResult, Exact, Expectation, accept_inf_where_allowed, rel_entr_inf_rows, run_cell
 from klparity.frameworks import REGISTRY, Output
 from klparity.frameworks.jax_adapter import KL, KL_LOG_TARGETS, REL_ENTR, JaxAdapter
@@ -213,3 +213,28 @@ def test_listing_cells_does_not_import_jax() -> None:
         "assert 'jax' not in sys.modules and 'optax' not in sys.modules, 'jax imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "difference", "pattern"),
+    [
+        (KL, "optax.underflow_times_inf_nan", math.nan),
+        (KL_LOG_TARGETS, "optax.underflow_times_inf_nan", math.nan),
+        (REL_ENTR, "jax.rel_entr_underflow_hides_inf", "finite"),
+    ],
+)
+def test_float16_teacher_underflow_where_the_student_is_neg_inf(entry: str, difference: str, pattern: object) -> None:
+    """Found by the full tier: in float16 at T = 0.5 a teacher probability underflows to 0 on a class where
+    the student is -inf. The exact KL is +inf; optax gives 0 * inf = NaN, rel_entr(0, 0) = 0 a finite row.
+    The suite predicts which, per row, and names the documented difference."""
+    case = cases.case_by_id("student_masked_8x10_T0.5")
+    api = next(a for a in ADAPTER.apis("float16") if a.entry == entry)
+    cell = Cell("jax", api, case, "float16", "cpu", "contiguous")
+    results = run_cell(ADAPTER, cell)
+    assert all(r.ok for r in results), _problems(results)
+    assert any(difference in d for r in results for d in r.differences)
+    t, s = (x.astype(np.float16) for x in case.logits(0))
+    out = ADAPTER.run(api, t, s, case.temperature, "cpu", "contiguous")["none"].value
+    exact = oracle.kl_from_logits(t, s, case.temperature)
+    row = int(np.flatnonzero(np.isinf(exact) & ~np.isinf(out))[0])  # a row the framework does not make +inf
+    assert math.isfinite(out[row]) if pattern == "finite" else math.isnan(out[row])
