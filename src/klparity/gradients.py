@@ -84,7 +84,7 @@ GRAD_DIFFERENCES: Final[dict[str, str]] = {
 def exact_student_grad(teacher: F64, student: F64, temperature: float) -> F64:
     """d KL(softmax(t/T) || softmax(s/T)) / d s, per element: (q - p) / T. NaN rows stay NaN."""
     lp, lq = oracle.log_softmax(teacher, temperature), oracle.log_softmax(student, temperature)
-    return np.asarray((np.exp(lq) - np.exp(lp)) / temperature, np.float64)
+    return _student_grad(lp, lq, temperature)
 
 
 def exact_teacher_grad(teacher: F64, student: F64, temperature: float) -> F64:
@@ -94,11 +94,25 @@ def exact_teacher_grad(teacher: F64, student: F64, temperature: float) -> F64:
     arithmetic on the infinite KL); NaN rows stay NaN.
     """
     lp, lq = oracle.log_softmax(teacher, temperature), oracle.log_softmax(student, temperature)
-    kl = oracle.kl_from_logits(teacher, student, temperature)[..., None]
+    return _teacher_grad(lp, lq, oracle.kl_from_logits(teacher, student, temperature), temperature)
+
+
+def _student_grad(lp: F64, lq: F64, temperature: float) -> F64:
+    return np.asarray((np.exp(lq) - np.exp(lp)) / temperature, np.float64)
+
+
+def _teacher_grad(lp: F64, lq: F64, kl: F64, temperature: float) -> F64:
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.exp(lp)
-        g = p * ((lp - lq) - kl) / temperature
+        g = p * ((lp - lq) - kl[..., None]) / temperature
     return np.asarray(np.where(p == 0, 0.0, g), np.float64)
+
+
+def _exact_grads(ex: Exact) -> tuple[F64, F64]:
+    """``exact_student_grad`` and ``exact_teacher_grad`` of a case, from its log-probabilities (the
+    KL from ``oracle.kl_from_logits`` whichever oracle made ``ex.rows``)."""
+    kl = oracle.kl_from_logits(ex.teacher, ex.student, ex.temperature)
+    return _student_grad(ex.lp, ex.lq, ex.temperature), _teacher_grad(ex.lp, ex.lq, kl, ex.temperature)
 
 
 # --------------------------------------------------------------------------- API formulas
@@ -274,9 +288,7 @@ def _torch_model(api: Api, ex: Exact, dtype: str, compute: str, framework: str) 
             found.append("torch.target_grad_nan_at_zero_target")
         return found
 
-    return GradModel(g_s, g_t, exact_student_grad(ex.teacher, ex.student, ex.temperature),
-                     exact_teacher_grad(ex.teacher, ex.student, ex.temperature), bud, None, pattern,
-                     differences)  # fmt: skip
+    return GradModel(g_s, g_t, *_exact_grads(ex), bud, None, pattern, differences)
 
 
 def _keras_model(api: Api, ex: Exact, out0: GradOutput, dtype: str, compute: str, framework: str) -> GradModel:
@@ -292,8 +304,7 @@ def _keras_model(api: Api, ex: Exact, out0: GradOutput, dtype: str, compute: str
                       zt=ex.zt, zs=ex.zs, log_p=ex.lp, log_q=ex.lq,
                       student_is_probability=True)  # fmt: skip
     cast_to = dtype if dtype != compute else None  # KLDivergence casts to its dtype and back
-    exact_s = exact_student_grad(ex.teacher, ex.student, ex.temperature)
-    exact_t = exact_teacher_grad(ex.teacher, ex.student, ex.temperature)
+    exact_s, exact_t = _exact_grads(ex)
 
     def pattern(out: GradOutput, scale: float) -> tuple[F64, F64]:
         return keras_grads(seen_t, seen_q, ex.temperature, scale=float(round_to(np.asarray(scale), compute)),

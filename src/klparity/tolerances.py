@@ -63,6 +63,7 @@ rounded by up to eta_c/2 absolute, a relative error eta_c / (2c) of the whole gr
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Final
@@ -318,24 +319,37 @@ class GradBudget:
     compute: str  #: dtype the scale c is rounded in
     reason: str
 
-    def _scaled(self, first_order: F64, size: F64, terms: tuple[F64, F64], scale: float) -> F64:
+    def _scaled(self, first_order: F64, size: F64, terms: tuple[F64, F64], smallest: float, scale: float) -> F64:
         info = dtype_info(self.compute)
-        coarse = info.smallest_subnormal / (2.0 * scale) if 0.0 < scale < info.smallest_normal else 0.0
+        out = scale * first_order + self.flush
+        if 0.0 < scale < info.smallest_normal:  # the scale itself is subnormal: coarse steps
+            out = out + scale * (info.smallest_subnormal / (2.0 * scale)) * size
         # summands c x_j of a class sum that fall below the smallest normal number: each is off by
         # up to min(c x_j, tiny) (rounded to 0 or to the subnormal grid), all in the same direction
-        # at worst; they matter once c is small (float16 'mean' over 64000 elements)
+        # at worst; they matter once c is small (float16 'mean' over 64000 elements). ``smallest`` is
+        # the smallest positive x_j: when c times it is normal, no summand is lost.
         x, factor = terms
-        small = scale * x
-        lost = np.sum(np.where(small < self.normal, np.minimum(small, self.tiny), 0.0), axis=-1, keepdims=True)
-        return np.asarray(scale * first_order + self.flush + scale * coarse * size + factor * lost, np.float64)
+        if scale * smallest < self.normal:
+            small = scale * x
+            lost = np.sum(np.where(small < self.normal, np.minimum(small, self.tiny), 0.0), axis=-1, keepdims=True)
+            out = out + factor * lost
+        return np.asarray(out, np.float64)
+
+    @functools.cached_property
+    def _smallest_terms(self) -> tuple[float, float]:
+        """Smallest positive summand of the student's and the teacher's class sums (inf if none)."""
+        def smallest(x: F64) -> float:
+            return float(np.min(x, initial=math.inf, where=x > 0))
+
+        return smallest(self.student_terms[0]), smallest(self.teacher_terms[0])
 
     def student(self, scale: float) -> F64:
         """Tolerance of each d(loss)/d(student logit) for a reduction of scale ``scale``."""
-        return self._scaled(self.student_scale, self.student_size, self.student_terms, scale)
+        return self._scaled(self.student_scale, self.student_size, self.student_terms, self._smallest_terms[0], scale)
 
     def teacher(self, scale: float) -> F64:
         """Tolerance of each d(loss)/d(teacher logit) for a reduction of scale ``scale``."""
-        return self._scaled(self.teacher_scale, self.teacher_size, self.teacher_terms, scale)
+        return self._scaled(self.teacher_scale, self.teacher_size, self.teacher_terms, self._smallest_terms[1], scale)
 
 
 def grad_budget(
