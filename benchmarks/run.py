@@ -106,7 +106,7 @@ def quick_tier(frameworks: str, jax_cache: str) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
         cmd = [sys.executable, "-m", "pytest", "-n", "auto", "-q", "-p", "no:cacheprovider", "tests/equivalence",
-               "--klparity-report", str(report), "--klparity-jax-cache", jax_cache]  # fmt: skip
+               f"--klparity-report={report}", f"--klparity-jax-cache={jax_cache}"]  # fmt: skip
         if frameworks:
             cmd += ["--klparity-frameworks", frameworks]
         start = time.perf_counter()

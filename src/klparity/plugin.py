@@ -2,8 +2,9 @@
 
 Hooks only, in the array-api-tests style. It parametrises any test that asks for ``kl_cell`` with
 the cells of the selected tier, caps thread pools in xdist workers before any framework loads,
-collects every check's result (also from xdist workers, through ``user_properties``), prints the
-verdict matrix at the end of the run and writes it as JSON with ``--klparity-report``.
+folds every check's result into the verdict matrix (each xdist worker its own, sent to the controller
+once at the end), prints the matrix at the end of the run and writes it as JSON with
+``--klparity-report``.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from klparity.checks import ORACLES, Cell, CheckResult, failure_message, run_cel
 from klparity.dtypes import DTYPE_NAMES
 from klparity.frameworks import DEVICES, REGISTRY, cap_native_threads
 from klparity.frameworks.jax_adapter import JAX_CACHE_ENV
-from klparity.report import aggregate, environment, plain_table, write_json
+from klparity.report import Collector, environment, plain_table, write_json
 
-_RESULTS_KEY = pytest.StashKey[list[dict[str, Any]]]()
 _SELECTION_KEY = pytest.StashKey[grid.Selection]()
 
 
@@ -79,7 +79,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if opt.klparity_oracle == "scipy" and importlib.util.find_spec("scipy") is None:
         raise pytest.UsageError("--klparity-oracle scipy needs SciPy: pip install 'klparity[test]'")
     config.stash[_SELECTION_KEY] = sel
-    config.stash[_RESULTS_KEY] = []
     threads = opt.klparity_threads
     if threads is None and os.environ.get("PYTEST_XDIST_WORKER"):
         threads = 1  # -n auto already runs one worker per core
@@ -276,7 +275,7 @@ def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckR
             pytest.skip(reason)
         oracle_name = request.config.option.klparity_oracle
         results = run_cell(REGISTRY[cell.framework], cell, sel.seed, oracle_name=oracle_name)
-        request.node.user_properties.append(("klparity", [r.to_dict() for r in results]))
+        record(results)
         return results
 
     return run
@@ -294,7 +293,7 @@ def klparity_grad_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[C
         if reason:
             pytest.skip(reason)
         results = run_grad_cell(REGISTRY[cell.framework], cell, sel.seed)
-        request.node.user_properties.append(("klparity", [r.to_dict() for r in results]))
+        record(results)
         return results
 
     return run
@@ -312,21 +311,31 @@ def assert_cell(cell: Cell, shift: int, results: list[CheckResult]) -> None:
         pytest.fail(failure_message(cell, shift, results), pytrace=False)
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.when != "call":
-        return
-    for name, value in report.user_properties:
-        if name == "klparity" and isinstance(value, list):
-            _CONTROLLER_RESULTS.extend(value)
+#: this process's checks (a worker's, or a single process's); in the xdist controller, every worker's
+_COLLECTOR = Collector()
 
 
-_CONTROLLER_RESULTS: list[dict[str, Any]] = []
+def record(results: list[CheckResult]) -> None:
+    """Count a cell's check results in this run's verdict matrix (and JSON report)."""
+    for r in results:
+        _COLLECTOR.fold((r.framework, r.api, r.dtype, r.device), f"{r.case}|{r.layout}", r.ok, r.max_abs,
+                        r.max_rel, r.tightness, r.differences)  # fmt: skip
+        if not r.ok:
+            _COLLECTOR.failed.append(r.to_dict())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: merge a finished worker's matrix."""
+    wire = getattr(node, "workeroutput", {}).get("klparity")
+    if wire:
+        _COLLECTOR.merge(wire)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if hasattr(config, "workerinput") or not _CONTROLLER_RESULTS:
+    rows = _COLLECTOR.rows()
+    if hasattr(config, "workerinput") or not rows:
         return
-    rows = aggregate(_CONTROLLER_RESULTS)
     tr = terminalreporter
     tr.section("klparity verdict matrix")
     tr.write_line(plain_table(rows))
@@ -336,13 +345,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     config = session.config
+    if hasattr(config, "workerinput"):  # an xdist worker: send the matrix to the controller
+        config.workeroutput["klparity"] = _COLLECTOR.to_wire()  # type: ignore[attr-defined]
+        return
     path = config.option.klparity_report
-    if hasattr(config, "workerinput") or not path:
+    if not path:
         return
     sel = config.stash[_SELECTION_KEY]
     meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
             "devices": sel.devices, "runner": "pytest", "oracle": config.option.klparity_oracle}  # fmt: skip
-    write_json(path, aggregate(_CONTROLLER_RESULTS), _CONTROLLER_RESULTS, meta)
+    write_json(path, _COLLECTOR.rows(), _COLLECTOR.failed, meta)
 
 
 @pytest.fixture

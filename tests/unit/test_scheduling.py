@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from klparity import plugin
+from klparity.report import Collector, aggregate
 
 
 @pytest.mark.parametrize(
@@ -89,3 +91,42 @@ def test_gpu_cells_are_not_generated_without_a_gpu_device_node(monkeypatch: pyte
     monkeypatch.setattr(plugin.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
     assert plugin._gpu_possible()
     assert not [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
+
+
+def _check(i: int, ok: bool = True) -> dict[str, object]:
+    return {"framework": "torch", "api": f"api{i % 2}", "dtype": "float32", "device": "cpu", "case": f"c{i % 5}",
+            "layout": "contiguous", "ok": ok, "max_abs": i * 1e-9, "max_rel": i * 1e-10, "tightness": i / 100,
+            "differences": [f"d{i % 3}: text"] if i % 4 else []}  # fmt: skip
+
+
+def test_worker_summaries_merge_into_the_same_matrix() -> None:
+    """Each xdist worker folds its checks and the controller merges the summaries: same rows as one process."""
+    checks = [_check(i, ok=i != 7) for i in range(40)]
+    whole = Collector()
+    for c in checks:
+        whole.add(c)
+    halves = [Collector(), Collector()]
+    for i, c in enumerate(checks):
+        halves[i % 2].add(c)
+    merged = Collector()
+    for h in halves:
+        merged.merge(h.to_wire())
+    assert [r.to_dict() for r in merged.rows()] == [r.to_dict() for r in whole.rows()]
+    assert [r.to_dict() for r in whole.rows()] == [r.to_dict() for r in aggregate(checks)]
+    assert merged.failed == [checks[7]] and sum(r.failures for r in merged.rows()) == 1
+
+
+def test_the_json_report_is_the_same_with_and_without_xdist(tmp_path: Path) -> None:
+    reports = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"r{workers}.json"
+        cmd = [sys.executable, "-m", "pytest", "-n", workers, "-q", "-p", "no:cacheprovider",
+               "tests/equivalence/test_forward.py", "-k", "seed_article", "--klparity-frameworks", "torch",
+               "--klparity-dtypes", "float64", f"--klparity-report={out}"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        done = subprocess.run(cmd, cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        doc = json.loads(out.read_text())
+        reports[workers] = (doc["summary"], doc["matrix"])
+    assert reports["0"][0]["checks"] > 0
+    assert reports["0"] == reports["2"]

@@ -41,7 +41,7 @@ from klparity import goldens, oracle, tolerances
 from klparity.checks import CheckResult, Exact, compare, overflow_reason
 from klparity.dtypes import dtype_info, round_to, widen
 from klparity.frameworks import REGISTRY, Adapter, Api
-from klparity.plugin import _cell_marks, selection
+from klparity.plugin import _cell_marks, record, selection
 
 F64 = NDArray[np.float64]
 pytestmark = pytest.mark.equivalence
@@ -303,6 +303,6 @@ def test_goldens(golden_cell: GoldenCell, request: pytest.FixtureRequest) -> Non
         results += judge(adapter, api, g, cell.device)
     if cell.framework == "torch" and cell.device == "cpu":
         results.append(torch_gradient(g))
-    request.node.user_properties.append(("klparity", [r.to_dict() for r in results]))
+    record(results)
     if not all(r.ok for r in results):
         pytest.fail(_message(cell, g, results), pytrace=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from klparity import scale
-from klparity.plugin import _SELECTION_KEY
+from klparity.plugin import _SELECTION_KEY, record
 
 pytestmark = pytest.mark.equivalence
 
@@ -21,7 +21,7 @@ def test_scale(kl_scale_cell: scale.ScaleCell, klparity_seed: int, request: pyte
         if reason:
             pytest.skip(reason)
         run = scale.run_cell(cell, klparity_seed, group=scale.cells(request.config.stash[_SELECTION_KEY]))
-    request.node.user_properties.append(("klparity", [r.to_dict() for r in run.results]))
+    record(run.results)
     request.node.user_properties.append(("klparity_scale", run.summary()))
     ratio = run.oracle_memory_ratio
     assert ratio is None or ratio <= scale.ORACLE_MEMORY_RATIO, (
