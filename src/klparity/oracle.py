@@ -228,13 +228,13 @@ def _kl_block(t: NDArray[np.generic], s: NDArray[np.generic], temp: float, buf: 
         np.exp(b, out=b)
         sb = b.sum(axis=1)
         w = np.subtract(1.0, a, out=b)  # 1 + |a| (a <= 0), in b's buffer from here on
-        np.multiply(w, d, out=w)
-        np.abs(w, out=w)
         np.exp(a, out=a)
         sa = a.sum(axis=1)
         # products in place and NumPy's pairwise sums (no BLAS: its threads would fight ours)
-        dot = np.multiply(a, d, out=d).sum(axis=1)
-        spread = np.multiply(a, w, out=w).sum(axis=1)
+        ed = np.multiply(a, d, out=d)  # e^a (a - b)
+        dot = ed.sum(axis=1)
+        np.multiply(w, ed, out=w)  # e^a (a - b) (1 + |a|): its absolute values sum to the spread
+        spread = np.abs(w, out=w).sum(axis=1)
         lsa, lsb = np.log(sa), np.log(sb)
         kl = dot / sa - lsa + lsb
         unit = np.finfo(np.float64).eps / 2
