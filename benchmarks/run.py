@@ -67,13 +67,13 @@ def time_pipeline(which: str, temperature: float) -> float:
 
 
 def oracle_vs_torch(temperature: float) -> tuple[float, float, float]:
-    """Each pipeline timed in a child process of its own, alternating three times, best of all.
+    """Each pipeline timed in a child process of its own, alternating five times, best of all.
 
     Separate processes because torch's OpenMP threads keep spinning after each call and would steal
     the oracle's cores (and the oracle's threads torch's) if both ran in one process.
     """
     best = {"oracle": float("inf"), "torch": float("inf")}
-    for _ in range(3):
+    for _ in range(5):
         for which in best:
             cmd = [sys.executable, __file__, "--child", which, str(temperature)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
