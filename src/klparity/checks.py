@@ -473,7 +473,11 @@ def rel_entr_inf_rows(
     decide. The error of log p_j is the tolerance model's softmax-stage term, c_in u (|z_j| + max|z| +
     log2 C + 1), with c_in from the (framework, dtype) row.
     """
-    m = _rel_entr_masks(ex, framework, dtype)
+    return _rel_entr_rows(_rel_entr_masks(ex, framework, dtype))
+
+
+def _rel_entr_rows(m: dict[str, NDArray[np.bool_]]) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """``rel_entr_inf_rows`` from the masks of ``_rel_entr_masks``."""
     surely = np.any(m["q_zero"] & m["p_kept"], axis=-1) | m["nan_rows"]
     possibly = surely | np.any(~m["q_kept"] & ~m["p_zero"], axis=-1)
     return surely, possibly
@@ -497,10 +501,11 @@ def _optax_expectations(
         value = np.sum(pointwise, axis=-1)
         nan_allowed = np.asarray(maybe.any(axis=-1))
     elif rel_entr:
-        surely, possibly = rel_entr_inf_rows(ex, framework, dtype)
+        masks = _rel_entr_masks(ex, framework, dtype)
+        surely, possibly = _rel_entr_rows(masks)
         # where the student is -inf, teacher mass that is not surely kept may be 0: rel_entr(0, 0) = 0
         # there (the value below; +inf is allowed too, through ``possibly``)
-        dropped = (ex.lq == -np.inf) & ~_rel_entr_masks(ex, framework, dtype)["p_kept"]
+        dropped = (ex.lq == -np.inf) & ~masks["p_kept"]
         value = np.where(surely, np.inf, oracle.kl_from_log_probs(np.where(dropped, -np.inf, ex.lp), ex.lq))
         inf_allowed = possibly & ~surely
     else:
@@ -588,12 +593,13 @@ def _optax_differences(api: Api, ex: Exact, compute: str) -> list[str]:
         if np.any(surely | maybe):
             found.append("optax.underflow_times_inf_nan")
     if api.entry == JAX_REL_ENTR:
-        if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~_rel_entr_masks(ex, api.framework, compute)["p_kept"]):
+        masks = _rel_entr_masks(ex, api.framework, compute)
+        if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~masks["p_kept"]):
             found.append("jax.rel_entr_underflow_hides_inf")
-        nan_rows = np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1)
+        nan_rows = masks["nan_rows"]
         if np.any(nan_rows):
             found.append("jax.rel_entr_nan_is_inf")
-        if np.any(rel_entr_inf_rows(ex, api.framework, compute)[1] & ~nan_rows):
+        if np.any(_rel_entr_rows(masks)[1] & ~nan_rows):
             found.append("jax.rel_entr_underflow_inf")
     return found
 

@@ -264,21 +264,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
 
 
-@pytest.fixture
-def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckResult]]:
-    """Run a cell (skipping when it cannot run here), record its results, return them."""
+def _recording_runner(
+    request: pytest.FixtureRequest, judge: Callable[[Cell, int], list[CheckResult]]
+) -> Callable[[Cell], list[CheckResult]]:
+    """``run(cell)``: skip when the cell cannot run here, else judge it, record its results, return them."""
     sel = request.config.stash[_SELECTION_KEY]
 
     def run(cell: Cell) -> list[CheckResult]:
         reason = grid.skip_reason(cell, sel.seed)
         if reason:
             pytest.skip(reason)
-        oracle_name = request.config.option.klparity_oracle
-        results = run_cell(REGISTRY[cell.framework], cell, sel.seed, oracle_name=oracle_name)
+        results = judge(cell, sel.seed)
         record(results)
         return results
 
     return run
+
+
+@pytest.fixture
+def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckResult]]:
+    """Run a cell (skipping when it cannot run here), record its results, return them."""
+    oracle_name = request.config.option.klparity_oracle
+    return _recording_runner(
+        request, lambda cell, seed: run_cell(REGISTRY[cell.framework], cell, seed, oracle_name=oracle_name)
+    )
 
 
 @pytest.fixture
@@ -286,17 +295,7 @@ def klparity_grad_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[C
     """Run a gradient cell (skipping when it cannot run here), record its results, return them."""
     from klparity.gradients import run_grad_cell
 
-    sel = request.config.stash[_SELECTION_KEY]
-
-    def run(cell: Cell) -> list[CheckResult]:
-        reason = grid.skip_reason(cell, sel.seed)
-        if reason:
-            pytest.skip(reason)
-        results = run_grad_cell(REGISTRY[cell.framework], cell, sel.seed)
-        record(results)
-        return results
-
-    return run
+    return _recording_runner(request, lambda cell, seed: run_grad_cell(REGISTRY[cell.framework], cell, seed))
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,8 @@ from klparity.cases import make_id
 from klparity.checks import CheckResult, Exact, Expectation, compare
 from klparity.dtypes import dtype_info, widen
 from klparity.frameworks import REGISTRY, Api, Output
+from klparity.frameworks.keras_adapter import loss as keras_loss
+from klparity.frameworks.torch_adapter import loss as torch_loss
 from klparity.oracle import _oracle_threads
 from klparity.tolerances import Budget, budget
 
@@ -413,18 +414,9 @@ def _run_torch(
     tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
     out: dict[str, Output] = {}
     for red in api.reductions:
-        kwargs: dict[str, Any] = {"log_target": log_target}
-        if red != "default":
-            kwargs["reduction"] = red
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if api.entry == "torch.nn.KLDivLoss":
-                res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
-            else:
-                res = fn.kl_div(inp, tgt, **kwargs)
+        res, caught = torch_loss(api, red, inp, tgt)
         out[red] = Output(value=res.detach().to(torch.float64).numpy(),
-                          dtype=str(res.dtype).removeprefix("torch."),
-                          warnings=tuple(str(w.message) for w in caught))  # fmt: skip
+                          dtype=str(res.dtype).removeprefix("torch."), warnings=caught)  # fmt: skip
     return out
 
 
@@ -442,13 +434,7 @@ def _run_keras(
         y_true = tf.nn.softmax(tf.constant(teacher) / temperature, axis=-1)
         y_pred = tf.nn.softmax(tf.constant(student) / temperature, axis=-1)
         for red in api.reductions:
-            if api.entry == "keras.losses.kl_divergence":
-                res = keras.losses.kl_divergence(y_true, y_pred)
-            else:
-                kwargs: dict[str, Any] = dict(api.options)
-                if red != "default":
-                    kwargs["reduction"] = red
-                res = keras.losses.KLDivergence(**kwargs)(y_true, y_pred)
+            res = keras_loss(keras, api, red, y_true, y_pred)
             out[red] = Output(value=np.asarray(res.numpy()).astype(np.float64), dtype=res.dtype.name)
     return out
 

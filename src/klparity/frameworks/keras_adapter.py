@@ -20,7 +20,7 @@ LOSS_CLASS = "keras.losses.KLDivergence"
 LOSS_FUNCTION = "keras.losses.kl_divergence"
 
 
-def _loss(keras: ModuleType, api: Api, red: str, y_true: Any, y_pred: Any) -> Any:
+def loss(keras: ModuleType, api: Api, red: str, y_true: Any, y_pred: Any) -> Any:
     """One reduction of the API (``'default'``: the constructor's own); the function has none."""
     if api.entry == LOSS_FUNCTION:
         return keras.losses.kl_divergence(y_true, y_pred)
@@ -116,7 +116,7 @@ class KerasAdapter(Adapter):
             y_pred = tf.nn.softmax(s / temperature, axis=-1)
             out: dict[str, Output] = {}
             for red in api.reductions:
-                res = _loss(keras, api, red, y_true, y_pred)
+                res = loss(keras, api, red, y_true, y_pred)
                 out[red] = Output(
                     value=np.asarray(res.numpy()).astype(np.float64),
                     dtype=res.dtype.name,
@@ -148,7 +148,7 @@ class KerasAdapter(Adapter):
                 tape.watch([t, s])
                 y_true = tf.nn.softmax(t / temperature, axis=-1)
                 y_pred = tf.nn.softmax(s / temperature, axis=-1)
-                losses = {red: _loss(keras, api, red, y_true, y_pred) for red in api.reductions}
+                losses = {red: loss(keras, api, red, y_true, y_pred) for red in api.reductions}
             seen_t = np.asarray(y_true.numpy()).astype(np.float64)
             seen_p = np.asarray(y_pred.numpy()).astype(np.float64)
             for red, res in losses.items():

@@ -36,6 +36,23 @@ def relayout(x: Any, layout: str) -> Any:
     return out
 
 
+def loss(api: Api, red: str, inp: Any, tgt: Any) -> tuple[Any, tuple[str, ...]]:
+    """One reduction of the torch API on given input and target tensors (``'default'``: no reduction
+    argument), and the warnings it raised."""
+    import torch
+
+    kwargs: dict[str, Any] = {"log_target": bool(api.option("log_target", False))}
+    if red != "default":
+        kwargs["reduction"] = red
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if api.entry == "torch.nn.KLDivLoss":
+            res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
+        else:  # looked up at call time, so a patched F.kl_div is the one called
+            res = torch.nn.functional.kl_div(inp, tgt, **kwargs)
+    return res, tuple(str(w.message) for w in caught)
+
+
 class TorchAdapter(Adapter):
     """``torch.nn.KLDivLoss`` / ``F.kl_div``: every reduction, ``log_target`` both ways."""
 
@@ -94,7 +111,7 @@ class TorchAdapter(Adapter):
         _, _, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=False)
         out: dict[str, Output] = {}
         for red in api.reductions:
-            res, caught = self._loss(api, red, inp, tgt)
+            res, caught = loss(api, red, inp, tgt)
             out[red] = Output(
                 value=res.detach().to("cpu", torch.float64).numpy(),
                 dtype=str(res.dtype).removeprefix("torch."),
@@ -126,20 +143,6 @@ class TorchAdapter(Adapter):
         tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
         return t, s, inp, relayout(tgt, layout)
 
-    def _loss(self, api: Api, red: str, inp: Any, tgt: Any) -> tuple[Any, tuple[str, ...]]:
-        """One reduction of the API (``'default'``: no reduction argument) and the warnings it raised."""
-        torch = self._torch()
-        kwargs: dict[str, Any] = {"log_target": bool(api.option("log_target", False))}
-        if red != "default":
-            kwargs["reduction"] = red
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if api.entry == "torch.nn.KLDivLoss":
-                res = torch.nn.KLDivLoss(**kwargs)(inp, tgt)
-            else:  # looked up at call time, so a patched F.kl_div is the one called
-                res = torch.nn.functional.kl_div(inp, tgt, **kwargs)
-        return res, tuple(str(w.message) for w in caught)
-
     def run_grad(
         self,
         api: Api,
@@ -156,7 +159,7 @@ class TorchAdapter(Adapter):
         seen_i = inp.detach().to("cpu", torch.float64).numpy()
         out: dict[str, GradOutput] = {}
         for red in api.reductions:
-            res, caught = self._loss(api, red, inp, tgt)
+            res, caught = loss(api, red, inp, tgt)
             g_s, g_t = torch.autograd.grad(res, (s, t), grad_outputs=torch.ones_like(res), retain_graph=True)
             out[red] = GradOutput(
                 student=g_s.detach().to("cpu", torch.float64).numpy(),
