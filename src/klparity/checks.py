@@ -14,6 +14,7 @@ reduction and yields one ``CheckResult`` per reduction, each judged twice:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Protocol, cast
@@ -140,6 +141,62 @@ class Exact:
             oracle.kl_from_logits(teacher, student, temperature) if oracle_name == "numpy"
             else scipy_rows(teacher, student, temperature),
         )  # fmt: skip
+
+
+class _Kept:
+    """Least-recently-used store of read-only arrays, bounded by their bytes.
+
+    Every API of a framework, the skip check and the gradient cells judge the same case in the same
+    dtype: the rounded logits and their exact quantities are made once per process, not once per
+    cell. Values are read-only, so no caller can change what the next one reads.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._items: OrderedDict[tuple[object, ...], tuple[object, int]] = OrderedDict()
+
+    def get(self, key: tuple[object, ...], make: Callable[[], tuple[object, list[NDArray[Any]]]]) -> object:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value, arrays = make()
+        size = 0
+        for a in arrays:
+            a.flags.writeable = False
+            size += a.nbytes
+        if size <= self.limit:
+            self._items[key] = (value, size)
+            self.used += size
+            while self.used > self.limit:
+                _, (_, freed) = self._items.popitem(last=False)
+                self.used -= freed
+        return value
+
+
+#: the quick tier's cases in one dtype take ~26 MiB of exact quantities; the full tier's do not fit
+_KEPT = _Kept(64 << 20)
+
+
+def rounded(case: Case, shift: int, dtype: str) -> tuple[NDArray[np.generic], NDArray[np.generic]]:
+    """The case's (teacher, student) logits rounded to ``dtype``: what a framework receives (read-only)."""
+
+    def make() -> tuple[object, list[NDArray[Any]]]:
+        t64, s64 = case.logits(shift)
+        t_r, s_r = round_to(t64, dtype), round_to(s64, dtype)
+        return (t_r, s_r), [t_r, s_r]
+
+    return cast(tuple[NDArray[np.generic], NDArray[np.generic]], _KEPT.get(("rounded", case, shift, dtype), make))
+
+
+def case_exact(case: Case, shift: int, dtype: str, oracle_name: str = "numpy") -> Exact:
+    """``Exact.of`` the case's logits rounded to ``dtype`` (read-only arrays)."""
+
+    def make() -> tuple[object, list[NDArray[Any]]]:
+        t_r, s_r = rounded(case, shift, dtype)
+        ex = Exact.of(widen(t_r), widen(s_r), case.temperature, oracle_name)
+        return ex, [getattr(ex, f.name) for f in fields(ex) if isinstance(getattr(ex, f.name), np.ndarray)]
+
+    return cast(Exact, _KEPT.get(("exact", case, shift, dtype, oracle_name), make))
 
 
 #: Exact per-row KL: ``numpy`` is ``oracle.kl_from_logits`` (log space, phi-form sum); ``scipy`` is
@@ -638,9 +695,8 @@ def run_cell(adapter: Adapter, cell: Cell, shift: int = 0,
     """Run one cell and judge every reduction. ``call`` replaces ``adapter.run`` (for tests);
     ``oracle_name`` picks the exact per-row KL (``ORACLES``, ``--klparity-oracle``)."""
     case, dtype = cell.case, cell.dtype
-    t64, s64 = case.logits(shift)
-    t_r, s_r = round_to(t64, dtype), round_to(s64, dtype)
-    ex = Exact.of(widen(t_r), widen(s_r), case.temperature, oracle_name)
+    t_r, s_r = rounded(case, shift, dtype)
+    ex = case_exact(case, shift, dtype, oracle_name)
     compute = adapter.compute_dtype(cell.api, dtype)
     if cell.api.semantics == "torch":
         bud = budget(framework=cell.framework, input_dtype=dtype, compute_dtype=compute, p=ex.p,

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 
 from klparity import grid, oracle
 from klparity.cases import case_by_id
-from klparity.checks import TORCH_MEAN_WARNING, Cell, CheckResult, Exact, compare
+from klparity.checks import TORCH_MEAN_WARNING, Cell, CheckResult, Exact, case_exact, compare, rounded
 from klparity.dtypes import DTYPE_NAMES, round_to, widen
 from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, Adapter, Api
 from klparity.frameworks.base import GradOutput
@@ -389,9 +389,8 @@ def run_grad_cell(adapter: Adapter, cell: Cell, shift: int = 0,
     ``call`` replaces ``adapter.run_grad`` (for tests).
     """
     case, dtype, api = cell.case, cell.dtype, cell.api
-    t64, s64 = case.logits(shift)
-    t_r, s_r = round_to(t64, dtype), round_to(s64, dtype)
-    ex = Exact.of(widen(t_r), widen(s_r), case.temperature)
+    t_r, s_r = rounded(case, shift, dtype)
+    ex = case_exact(case, shift, dtype)
     compute = adapter.compute_dtype(api, dtype)
     outputs = (call or adapter.run_grad)(api, t_r, s_r, case.temperature, cell.device, cell.layout)
     first = outputs[api.reductions[0]]

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from klparity.cases import Case, cases
-from klparity.checks import Cell, overflow_reason
-from klparity.dtypes import DTYPE_NAMES, round_to, widen
+from klparity.checks import Cell, overflow_reason, rounded
+from klparity.dtypes import DTYPE_NAMES, widen
 from klparity.frameworks import DEVICES, REGISTRY, Adapter
 
 #: Non-contiguous layouts run for these dtypes in the quick tier (all dtypes in the full tier).
@@ -88,6 +88,5 @@ def skip_reason(cell: Cell, shift: int) -> str | None:
         return adapter.missing_reason()
     if cell.device not in _devices(cell.framework):
         return f"no {cell.device} device visible to {cell.framework}"
-    t, s = cell.case.logits(shift)
-    return overflow_reason(widen(round_to(t, cell.dtype)), widen(round_to(s, cell.dtype)),
-                           cell.case.temperature, cell.dtype)  # fmt: skip
+    t, s = rounded(cell.case, shift, cell.dtype)
+    return overflow_reason(widen(t), widen(s), cell.case.temperature, cell.dtype)

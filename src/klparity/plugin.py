@@ -163,19 +163,20 @@ _ID_DTYPE = re.compile(r"-(" + "|".join(DTYPE_NAMES) + r")(?=-|\]|$)")
 
 
 def group_of(nodeid: str, fine: bool = False) -> str | None:
-    """The xdist group of a test, from its id: its framework (``jax:<test>`` for frameworks that
-    group per test function), or None for a test of no framework. ``fine`` (the full tier, where
-    run time dwarfs imports and one framework's tests would leave the other workers idle): one group
-    per framework, test function and dtype."""
+    """The xdist group of a test, from its id: its framework, or None for a test of no framework.
+
+    One group per framework, test function and dtype (``jax:test_forward:float32``) for frameworks
+    with ``fine_groups``, and for all with ``fine`` (the full tier, where run time dwarfs imports
+    and one framework's tests would leave the other workers idle)."""
     head = _ID_HEAD.search(nodeid)
     if head is None:
         return None
     for name, adapter in REGISTRY.items():
         if head.group(2) in adapter.id_prefixes:
-            if fine:
+            if fine or adapter.fine_groups:
                 dtype = _ID_DTYPE.search(nodeid)
                 return f"{name}:{head.group(1)}:{dtype.group(1) if dtype else ''}"
-            return f"{name}:{head.group(1)}" if adapter.group_per_test else name
+            return name
     return None
 
 

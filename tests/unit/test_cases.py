@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klparity import cases, oracle
+from klparity import cases, checks, oracle
 from klparity.cases import Case
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -248,3 +248,21 @@ def test_uniform_family_has_an_all_zero_teacher() -> None:
         teacher, student = case.logits()
         assert not teacher.any(), case.id
         assert student.std() > 0, case.id
+
+
+def test_kept_inputs_are_shared_read_only_and_bounded() -> None:
+    """Cells of one case and dtype share one read-only copy; the store never holds more than its limit."""
+    case = cases.cases("quick")[0]
+    t, s = checks.rounded(case, 0, "float16")
+    again = checks.rounded(case, 0, "float16")
+    assert again[0] is t and again[1] is s and str(t.dtype) == "float16"
+    with pytest.raises(ValueError, match="read-only"):
+        t[...] = 0
+    ex = checks.case_exact(case, 0, "float16")
+    assert checks.case_exact(case, 0, "float16") is ex and not ex.rows.flags.writeable
+    np.testing.assert_array_equal(ex.teacher, t.astype(np.float64))  # the exact quantities of the rounded values
+    small = checks._Kept(3 * t.nbytes)
+    for i in range(5):
+        small.get((i,), lambda i=i: (i, [np.zeros_like(t)]))
+    assert small.used <= small.limit and small.get((4,), lambda: (-1, [])) == 4
+    assert small.get((0,), lambda: (-1, [])) == -1  # the oldest entry was dropped

@@ -123,7 +123,7 @@ def test_suite_catches_float64_cells_run_without_x64(monkeypatch: pytest.MonkeyP
 
 @pytest.fixture
 def patched_optax(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh cache of jitted losses, so that a patched optax function is traced (the old one comes back)."""
+    """A fresh cache of jitted programs, so that a patched optax function is traced (the old one comes back)."""
     monkeypatch.setattr(JaxAdapter, "_losses", {})
 
 

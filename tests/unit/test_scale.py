@@ -132,6 +132,7 @@ def test_chunked_reference_passes_the_unchunked_run_cell_path(
     """Fed to ``checks.run_cell`` as the framework's output, the chunked reference is its reference."""
     t, s = scale.logits(cell.case, cell.dtype)
     monkeypatch.setattr(Case, "logits", lambda self, shift=0: (widen(t), widen(s)))
+    monkeypatch.setattr(checks, "_KEPT", checks._Kept(0))  # nothing kept from the real logits of this case
     ref = _chunked(cell)
 
     def call(*_: Any) -> dict[str, Output]:

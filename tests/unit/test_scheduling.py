@@ -20,16 +20,19 @@ from klparity.report import Collector, aggregate
     [
         ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss(log_target=False)-float16-cpu]", "torch"),
         ("tests/equivalence/test_forward.py::test_forward[keras.losses.KLDivergence()-float32-cpu]", "tensorflow"),
-        ("tests/equivalence/test_forward.py::test_forward[optax.losses.kl_divergence()-float32]", "jax:test_forward"),
-        ("tests/equivalence/test_forward.py::test_forward[jax.scipy.special.rel_entr-float32-cpu]", "jax:test_forward"),
-        ("tests/equivalence/test_goldens.py::test_goldens[jax-cpu-gauss3_8x10_T1-float16]", "jax:test_goldens"),
+        ("tests/equivalence/test_forward.py::test_forward[optax.losses.kl_divergence()-float32]",
+         "jax:test_forward:float32"),
+        ("tests/equivalence/test_forward.py::test_forward[jax.scipy.special.rel_entr-float16-cpu]",
+         "jax:test_forward:float16"),
+        ("tests/equivalence/test_goldens.py::test_goldens[jax-cpu-gauss3_8x10_T1-bfloat16]",
+         "jax:test_goldens:bfloat16"),
         ("tests/equivalence/test_goldens.py::test_goldens[tensorflow-cpu-gauss3_8x10_T1-float16]", "tensorflow"),
         ("tests/equivalence/test_pinned.py::test_pinned_fact[torch.default_reduction_mean]", "torch"),
         ("tests/equivalence/test_forward.py::test_forward[torch.nn.KLDivLoss()-float16-cpu]@torch", "torch"),
         ("tests/unit/test_oracle.py::test_seed_article_example_matches_mpmath", None),
         ("tests/unit/test_oracle.py::test_bad_temperature_is_refused[nan-finite]", None),
     ],
-)
+)  # fmt: skip
 def test_group_of_reads_the_framework_from_the_test_id(nodeid: str, group: str | None) -> None:
     assert plugin.group_of(nodeid) == group
 

@@ -3,9 +3,10 @@
 The student goes in as ``jax.nn.log_softmax(s / T)``; the target as ``jax.nn.softmax(t / T)``
 (``kl_divergence``), ``jax.nn.log_softmax(t / T)`` (``kl_divergence_with_log_targets``), or both as
 ``jax.nn.softmax`` probabilities summed over the class axis (``rel_entr``), all computed by JAX in
-the tested dtype on the tested device, inside one ``jax.jit`` per API as a training step runs it
-(one compilation per shape and dtype: the temperature is a traced argument). None of them reduces
-over the batch: the single reduction label ``"none"`` means one value per row.
+the tested dtype on the tested device, under ``jax.jit`` as a training step runs them: one program
+computes all three (one compilation per shape and dtype: the temperature is a traced argument), and
+each cell keeps its API's output. None of them reduces over the batch: the single reduction label
+``"none"`` means one value per row.
 
 float64 exists in JAX only with ``jax_enable_x64``; without it ``jnp.asarray`` silently truncates
 float64 to float32. The adapter enables it with the thread-local ``jax.enable_x64(True)`` context
@@ -31,6 +32,8 @@ from klparity.frameworks.base import Adapter, Api, Output
 KL: Final = "optax.losses.kl_divergence"
 KL_LOG_TARGETS: Final = "optax.losses.kl_divergence_with_log_targets"
 REL_ENTR: Final = "jax.scipy.special.rel_entr"
+ENTRIES: Final = (KL, KL_LOG_TARGETS, REL_ENTR)
+ALL: Final = "all"  #: key of the program that computes every entry at once
 REDUCTIONS: Final = ("none",)  #: per-row values; none of the APIs reduces over the batch
 #: environment variable naming JAX's persistent compilation cache directory (set by the pytest plugin)
 JAX_CACHE_ENV: Final = "KLPARITY_JAX_CACHE"
@@ -44,7 +47,7 @@ class JaxAdapter(Adapter):
     distribution = "jax"
     extra = "jax"
     id_prefixes = ("jax", "optax")
-    group_per_test = True  # forward cells and goldens share no kernel shapes; the import is ~1 s
+    fine_groups = True  # cost is ~45 ms per program (shape, dtype); the import ~0.6 s
     dtypes = ("float16", "bfloat16", "float32", "float64")
     _mods: tuple[ModuleType, ModuleType] | None = None
     _losses: ClassVar[dict[str, Callable[[Any, Any, float], Any]]] = {}
@@ -104,30 +107,62 @@ class JaxAdapter(Adapter):
     def compute_dtype(self, api: Api, dtype: str) -> str:
         return dtype  # float64 only because run() enables x64 for it
 
-    def _loss(self, entry: str) -> Callable[[Any, Any, float], Any]:
-        """The jitted loss of one API, as a distillation training step runs it.
+    def _expression(self, entry: str) -> Callable[[Any, Any, float], Any]:
+        """The loss of one API as a distillation training step writes it (traced, not yet jitted).
 
         ``temperature`` is a traced Python float, hence weakly typed: ``x / T`` keeps the logits' dtype,
         and one compilation serves every temperature of a shape and dtype.
         """
+        if entry not in ENTRIES:
+            raise ValueError(f"unknown JAX API {entry!r}")
+        jax, optax = self._jax()
+        jnp, nn = jax.numpy, jax.nn
+
+        def loss(t: Any, s: Any, temperature: float) -> Any:
+            log_q = nn.log_softmax(s / temperature, axis=-1)
+            if entry == KL:
+                return optax.losses.kl_divergence(log_q, nn.softmax(t / temperature, axis=-1))
+            if entry == KL_LOG_TARGETS:
+                log_p = nn.log_softmax(t / temperature, axis=-1)
+                return optax.losses.kl_divergence_with_log_targets(log_q, log_p)
+            p, q = nn.softmax(t / temperature, axis=-1), nn.softmax(s / temperature, axis=-1)
+            return jnp.sum(jax.scipy.special.rel_entr(p, q), axis=-1)
+
+        return loss
+
+    def _loss(self, entry: str) -> Callable[[Any, Any, float], Any]:
+        """One jitted program: ``entry``'s loss alone, or (``entry == ALL``) the tuple of all three.
+
+        Cells call the ``ALL`` program and keep their API's output: compiling per shape and dtype
+        dominates the JAX cells' cost, and one program instead of three divides it by about two
+        (warm cache) to three. Each output is its API's own expression; XLA may share the common
+        subexpressions (``s / T``, the student's log-softmax), as it does in any training step that
+        computes more than a loss.
+        """
         if entry not in JaxAdapter._losses:
-            jax, optax = self._jax()
-            jnp, nn = jax.numpy, jax.nn
+            jax, _ = self._jax()
+            if entry == ALL:
+                parts = [self._expression(e) for e in ENTRIES]
 
-            def loss(t: Any, s: Any, temperature: float) -> Any:
-                log_q = nn.log_softmax(s / temperature, axis=-1)
-                if entry == KL:
-                    return optax.losses.kl_divergence(log_q, nn.softmax(t / temperature, axis=-1))
-                if entry == KL_LOG_TARGETS:
-                    log_p = nn.log_softmax(t / temperature, axis=-1)
-                    return optax.losses.kl_divergence_with_log_targets(log_q, log_p)
-                if entry == REL_ENTR:
-                    p, q = nn.softmax(t / temperature, axis=-1), nn.softmax(s / temperature, axis=-1)
-                    return jnp.sum(jax.scipy.special.rel_entr(p, q), axis=-1)
-                raise ValueError(f"unknown JAX API {entry!r}")
+                def every(t: Any, s: Any, temperature: float) -> tuple[Any, ...]:
+                    return tuple(f(t, s, temperature) for f in parts)
 
-            JaxAdapter._losses[entry] = jax.jit(loss)
+                JaxAdapter._losses[entry] = jax.jit(every)
+            else:
+                JaxAdapter._losses[entry] = jax.jit(self._expression(entry))
         return JaxAdapter._losses[entry]
+
+    def _evaluate(self, entry: str, t: Any, s: Any, temperature: float) -> Any:
+        """``entry``'s per-row loss, from the all-APIs program; from its own program where that one fails.
+
+        An upgrade that breaks one API (renamed, or failing to trace) must fail that API's cells only,
+        with its own error: the single-API program raises it.
+        """
+        try:
+            out = self._loss(ALL)(t, s, temperature)
+        except Exception:  # any error: attributed below, by the failing API's own program
+            return self._loss(entry)(t, s, temperature)
+        return out[ENTRIES.index(entry)]
 
     @staticmethod
     def x64(jax: ModuleType, dtype: str) -> AbstractContextManager[Any]:
@@ -153,7 +188,7 @@ class JaxAdapter(Adapter):
             # The NumPy arrays already hold dtype (bfloat16 via ml_dtypes, which JAX uses too). Without
             # x64, device_put would silently make float64 float32: the result dtype check catches that.
             t, s = jax.device_put(teacher, dev), jax.device_put(student, dev)
-            res = self._loss(api.entry)(t, s, temperature)
+            res = self._evaluate(api.entry, t, s, temperature)
             value = np.asarray(res).astype(np.float64)
             res_dtype = str(res.dtype)
         return {"none": Output(value=value, dtype=res_dtype, warnings=tuple(str(w.message) for w in caught))}
