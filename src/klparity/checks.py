@@ -160,7 +160,7 @@ class _Kept:
             self._items.move_to_end(key)
             return self._items[key][0]
         value, arrays = make()
-        size = 0
+        size = 64  # the entry itself, so that entries without arrays are bounded too
         for a in arrays:
             a.flags.writeable = False
             size += a.nbytes
@@ -186,6 +186,16 @@ def rounded(case: Case, shift: int, dtype: str) -> tuple[NDArray[np.generic], ND
         return (t_r, s_r), [t_r, s_r]
 
     return cast(tuple[NDArray[np.generic], NDArray[np.generic]], _KEPT.get(("rounded", case, shift, dtype), make))
+
+
+def case_overflow(case: Case, shift: int, dtype: str) -> str | None:
+    """``overflow_reason`` of the case's logits rounded to ``dtype`` (kept: every API's cell asks)."""
+
+    def make() -> tuple[object, list[NDArray[Any]]]:
+        t_r, s_r = rounded(case, shift, dtype)
+        return overflow_reason(widen(t_r), widen(s_r), case.temperature, dtype), []
+
+    return cast("str | None", _KEPT.get(("overflow", case, shift, dtype), make))
 
 
 def case_exact(case: Case, shift: int, dtype: str, oracle_name: str = "numpy") -> Exact:

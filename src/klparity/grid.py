@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from klparity.cases import Case, cases
-from klparity.checks import Cell, overflow_reason, rounded
-from klparity.dtypes import DTYPE_NAMES, widen
+from klparity.checks import Cell, case_overflow
+from klparity.dtypes import DTYPE_NAMES
 from klparity.frameworks import DEVICES, REGISTRY, Adapter
 
 #: Non-contiguous layouts run for these dtypes in the quick tier (all dtypes in the full tier).
@@ -88,5 +88,4 @@ def skip_reason(cell: Cell, shift: int) -> str | None:
         return adapter.missing_reason()
     if cell.device not in _devices(cell.framework):
         return f"no {cell.device} device visible to {cell.framework}"
-    t, s = rounded(cell.case, shift, cell.dtype)
-    return overflow_reason(widen(t), widen(s), cell.case.temperature, cell.dtype)
+    return case_overflow(cell.case, shift, cell.dtype)

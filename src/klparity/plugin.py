@@ -282,7 +282,7 @@ def _recording_runner(
     return run
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # reads only the configuration: made once
 def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckResult]]:
     """Run a cell (skipping when it cannot run here), record its results, return them."""
     oracle_name = request.config.option.klparity_oracle
@@ -291,7 +291,7 @@ def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckR
     )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # reads only the configuration: made once
 def klparity_grad_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckResult]]:
     """Run a gradient cell (skipping when it cannot run here), record its results, return them."""
     from klparity.gradients import run_grad_cell
@@ -299,7 +299,7 @@ def klparity_grad_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[C
     return _recording_runner(request, lambda cell, seed: run_grad_cell(REGISTRY[cell.framework], cell, seed))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # reads only the configuration: made once
 def klparity_seed(request: pytest.FixtureRequest) -> int:
     """The ``--klparity-seed`` shift."""
     return request.config.stash[_SELECTION_KEY].seed

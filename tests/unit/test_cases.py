@@ -261,8 +261,9 @@ def test_kept_inputs_are_shared_read_only_and_bounded() -> None:
     ex = checks.case_exact(case, 0, "float16")
     assert checks.case_exact(case, 0, "float16") is ex and not ex.rows.flags.writeable
     np.testing.assert_array_equal(ex.teacher, t.astype(np.float64))  # the exact quantities of the rounded values
-    small = checks._Kept(3 * t.nbytes)
+    block = np.zeros(1000)
+    small = checks._Kept(3 * block.nbytes)
     for i in range(5):
-        small.get((i,), lambda i=i: (i, [np.zeros_like(t)]))
+        small.get((i,), lambda i=i: (i, [block.copy()]))
     assert small.used <= small.limit and small.get((4,), lambda: (-1, [])) == 4
     assert small.get((0,), lambda: (-1, [])) == -1  # the oldest entry was dropped

@@ -190,9 +190,10 @@ def _keras(g: goldens.Golden, ex: Exact, fw: str, compute: str) -> Expected:
     return Expected(rows, bud.rows(), total, bud.total(), notes, problems)
 
 
-def expected(g: goldens.Golden, api: Api, fw: str, compute: str) -> Expected:
-    """What ``api`` must return per row and in total for golden ``g`` (raises for unknown semantics)."""
-    ex = Exact.of(g.teacher, g.student, g.temperature)
+def expected(g: goldens.Golden, api: Api, fw: str, compute: str, ex: Exact | None = None) -> Expected:
+    """What ``api`` must return per row and in total for golden ``g`` (raises for unknown semantics);
+    ``ex``: ``Exact.of`` the golden's inputs, when the caller has it already."""
+    ex = ex if ex is not None else Exact.of(g.teacher, g.student, g.temperature)
     if api.semantics == "keras":
         return _keras(g, ex, fw, compute)
     if api.semantics == "optax" and api.entry.endswith("rel_entr"):
@@ -221,10 +222,11 @@ def _result(fw: str, api: Api, red: str, g: goldens.Golden, device: str) -> Chec
     return CheckResult(fw, api.id + TAG, red, g.dtype, device, "contiguous", g.id, 0)
 
 
-def judge(adapter: Adapter, api: Api, g: goldens.Golden, device: str) -> list[CheckResult]:
-    """Run ``api`` on the golden's exact inputs and judge every reduction against the golden."""
+def judge(adapter: Adapter, api: Api, g: goldens.Golden, device: str, ex: Exact | None = None) -> list[CheckResult]:
+    """Run ``api`` on the golden's exact inputs and judge every reduction against the golden
+    (``ex``: ``Exact.of`` those inputs, shared by the framework's APIs)."""
     compute = adapter.compute_dtype(api, g.dtype)
-    exp = expected(g, api, adapter.name, compute)
+    exp = expected(g, api, adapter.name, compute, ex)
     plan = _reductions(api, g.shape)
     teacher, student = g.typed()
     outputs = adapter.run(dataclasses.replace(api, reductions=tuple(plan)), teacher, student,
@@ -251,7 +253,7 @@ def judge(adapter: Adapter, api: Api, g: goldens.Golden, device: str) -> list[Ch
     return results
 
 
-def torch_gradient(g: goldens.Golden) -> CheckResult:
+def torch_gradient(g: goldens.Golden, ex: Exact | None = None) -> CheckResult:
     """Autograd of ``kl_div(log_softmax(s / T), softmax(t / T), reduction='sum')`` w.r.t. s."""
     import torch
 
@@ -267,7 +269,7 @@ def torch_gradient(g: goldens.Golden) -> CheckResult:
     loss.backward()  # type: ignore[no-untyped-call]
     assert s.grad is not None
     grad = s.grad.to(torch.float64).numpy()
-    ex = Exact.of(g.teacher, g.student, g.temperature)
+    ex = ex if ex is not None else Exact.of(g.teacher, g.student, g.temperature)
     tol = tolerances.golden_gradient(g.dtype, g.temperature, ex.p, ex.q, ex.lp, ex.lq, ex.zt, ex.zs)
     compare(res, grad, g.grad, tol)
     if s.grad.dtype != tdtype:
@@ -299,10 +301,11 @@ def test_goldens(golden_cell: GoldenCell, request: pytest.FixtureRequest) -> Non
     if reason:
         pytest.skip(reason)
     results: list[CheckResult] = []
+    ex = Exact.of(g.teacher, g.student, g.temperature)
     for api in adapter.apis(g.dtype):
-        results += judge(adapter, api, g, cell.device)
+        results += judge(adapter, api, g, cell.device, ex)
     if cell.framework == "torch" and cell.device == "cpu":
-        results.append(torch_gradient(g))
+        results.append(torch_gradient(g, ex))
     record(results)
     if not all(r.ok for r in results):
         pytest.fail(_message(cell, g, results), pytrace=False)
