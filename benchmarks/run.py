@@ -4,7 +4,8 @@
     python benchmarks/run.py --skip-suite   # (b) and (c) only, seconds instead of minutes
 
 (a) quick-tier ``pytest -n auto tests/equivalence`` wall time / bare ``python -c "import torch, tensorflow"``
-    time: torch + TensorFlow alone, then all frameworks with a cold and a warm JAX compilation cache
+    time: torch + TensorFlow alone, then all frameworks with a cold and a warm JAX compilation cache;
+    each suite run is paired with a bare import timed just before it, three rounds, median and range
 (b) float64 oracle (kl_from_logits) / torch float32 log_softmax + softmax + kl_div, on (64, 32000)
 (c) peak memory of the oracle / size of its input arrays, on a (256, 128256) float32 case
 (d) checks per second of the quick tier (from the suite's own report)
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +100,10 @@ def oracle_memory() -> tuple[float, float]:
 
 
 def bare_import() -> float:
-    cmd = [sys.executable, "-c", "import torch, tensorflow"]
-    return best_of(lambda: subprocess.run(cmd, check=True, capture_output=True), repeat=3)
+    """Wall time of one ``python -c "import torch, tensorflow"`` in a child."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, tensorflow"], check=True, capture_output=True)
+    return time.perf_counter() - start
 
 
 def quick_tier(frameworks: str, jax_cache: str) -> tuple[float, int]:
@@ -114,6 +119,40 @@ def quick_tier(frameworks: str, jax_cache: str) -> tuple[float, int]:
         wall = time.perf_counter() - start
         checks = json.loads(report.read_text())["summary"]["checks"]
     return wall, checks
+
+
+@dataclass
+class Suite:
+    """One quick-tier configuration, timed ``ROUNDS`` times, each run right after a bare import."""
+
+    label: str
+    frameworks: str
+    cache: str  #: "none", "cold" (a new empty cache per run) or "warm" (one cache, filled first)
+    walls: list[float] = field(default_factory=list)
+    imports: list[float] = field(default_factory=list)
+    checks: int = 0
+
+    def ratios(self) -> list[float]:
+        return sorted(w / b for w, b in zip(self.walls, self.imports, strict=True))
+
+
+ROUNDS = 3  #: single runs vary by +-10 % on a shared 2-core machine: the median and the range are shown
+
+
+def time_suites() -> list[Suite]:
+    suites = [Suite("torch + tensorflow", "torch,tensorflow", "none"),
+              Suite("all frameworks, cold JAX cache", "", "cold"),
+              Suite("all frameworks, warm JAX cache", "", "warm")]  # fmt: skip
+    with tempfile.TemporaryDirectory() as warm:
+        quick_tier("", warm)  # fills the warm cache
+        for _ in range(ROUNDS):  # configurations alternate, so that a slow spell of the machine hits all
+            for suite in suites:
+                with tempfile.TemporaryDirectory() as cold:
+                    cache = {"none": "none", "cold": cold, "warm": warm}[suite.cache]
+                    suite.imports.append(bare_import())
+                    wall, suite.checks = quick_tier(suite.frameworks, cache)
+                    suite.walls.append(wall)
+    return suites
 
 
 def main() -> int:
@@ -133,19 +172,15 @@ def main() -> int:
     print(f"(c) oracle peak memory / input size on (256, 128256) float32 ({mib:.0f} MiB of input): {mem:.2f}"
           "   (target <= 1.5)")
     if not args.skip_suite:
-        imports = bare_import()
-        with tempfile.TemporaryDirectory() as cache:
-            runs = [
-                ("torch + tensorflow", *quick_tier("torch,tensorflow", "none")),
-                ("all frameworks, cold JAX cache", *quick_tier("", cache)),
-                ("all frameworks, warm JAX cache", *quick_tier("", cache)),
-            ]
-        for label, wall, _checks in runs:
-            print(f"(a) quick tier pytest -n auto ({label}) / bare import of torch + tensorflow: {wall:.1f} s / "
-                  f"{imports:.1f} s = {wall / imports:.1f}   (target <= 3)")  # fmt: skip
-        for label, wall, checks in runs:
-            print(f"(d) checks per second of the quick tier ({label}): {checks} checks / {wall:.1f} s = "
-                  f"{checks / wall:.0f}")  # fmt: skip
+        for suite in time_suites():
+            r = suite.ratios()
+            print(f"(a) quick tier pytest -n auto ({suite.label}) / bare import of torch + tensorflow, "
+                  f"median of {ROUNDS} adjacent pairs: {statistics.median(suite.walls):.1f} s / "
+                  f"{statistics.median(suite.imports):.1f} s = {statistics.median(r):.2f} "
+                  f"(range {r[0]:.2f}-{r[-1]:.2f})   (target <= 3)")  # fmt: skip
+            rate = [suite.checks / w for w in suite.walls]
+            print(f"(d) checks per second of the quick tier ({suite.label}): {suite.checks} checks / "
+                  f"{statistics.median(suite.walls):.1f} s = {statistics.median(rate):.0f}")  # fmt: skip
     return 0
 
 

@@ -165,18 +165,19 @@ _ID_DTYPE = re.compile(r"-(" + "|".join(DTYPE_NAMES) + r")(?=-|\]|$)")
 def group_of(nodeid: str, fine: bool = False) -> str | None:
     """The xdist group of a test, from its id: its framework, or None for a test of no framework.
 
-    One group per framework, test function and dtype (``jax:test_forward:float32``) for frameworks
-    with ``fine_groups``, and for all with ``fine`` (the full tier, where run time dwarfs imports
-    and one framework's tests would leave the other workers idle)."""
+    One group per framework and dtype (``jax:float32``) for frameworks with ``fine_groups``; with
+    ``fine`` (the full tier, where run time dwarfs imports and one framework's tests would leave the
+    other workers idle), one per framework, test function and dtype."""
     head = _ID_HEAD.search(nodeid)
     if head is None:
         return None
     for name, adapter in REGISTRY.items():
         if head.group(2) in adapter.id_prefixes:
-            if fine or adapter.fine_groups:
-                dtype = _ID_DTYPE.search(nodeid)
-                return f"{name}:{head.group(1)}:{dtype.group(1) if dtype else ''}"
-            return name
+            if not (fine or adapter.fine_groups):
+                return name
+            found = _ID_DTYPE.search(nodeid)
+            dtype = found.group(1) if found else ""
+            return f"{name}:{head.group(1)}:{dtype}" if fine else f"{name}:{dtype}"
     return None
 
 

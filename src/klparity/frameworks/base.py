@@ -109,9 +109,9 @@ class Adapter(ABC):
     dtypes: ClassVar[tuple[str, ...]]
     #: first words of the test ids of this framework's cells, goldens and pinned facts (the xdist group)
     id_prefixes: ClassVar[tuple[str, ...]]
-    #: one xdist group per test function and dtype instead of one per framework: for a framework whose
-    #: cost is per-shape compilation rather than its import, so that the workers share its tests
-    #: (whichever is free takes the next piece)
+    #: one xdist group per dtype instead of one per framework: for a framework whose cost is per-shape
+    #: compilation rather than its import, so that the workers share its tests (whichever is free
+    #: takes the next piece) while the forward cells and goldens of a dtype share compiled programs
     fine_groups: ClassVar[bool] = False
     layouts: ClassVar[tuple[str, ...]] = ("contiguous",)
 
