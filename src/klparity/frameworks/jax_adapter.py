@@ -16,7 +16,6 @@ manager around float64 cells only, so the process-wide default (float32) is neve
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from typing import Any, ClassVar, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import Adapter, Api, Output
+from klparity.frameworks.base import Adapter, Api, Output, installed
 
 KL: Final = "optax.losses.kl_divergence"
 KL_LOG_TARGETS: Final = "optax.losses.kl_divergence_with_log_targets"
@@ -54,7 +53,7 @@ class JaxAdapter(Adapter):
 
     def available(self) -> bool:
         """JAX and optax both installed (the ``jax`` extra installs both)."""
-        return all(importlib.util.find_spec(m) is not None for m in ("jax", "optax"))
+        return installed("jax") and installed("optax")
 
     def version(self) -> str:
         v = super().version()
