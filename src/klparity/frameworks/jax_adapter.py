@@ -132,9 +132,10 @@ class JaxAdapter(Adapter):
     def _loss(self, entry: str) -> Callable[[Any, Any, float], Any]:
         """One jitted program: ``entry``'s loss alone, or (``entry == ALL``) the tuple of all three.
 
-        Cells call the ``ALL`` program and keep their API's output: compiling per shape and dtype
-        dominates the JAX cells' cost, and one program instead of three divides it by about two
-        (warm cache) to three. Each output is its API's own expression; XLA may share the common
+        Cells call the ``ALL`` program and keep their API's output: tracing, lowering and compiling
+        per shape and dtype dominate the JAX cells' cost, and one program instead of three took 0.48 s
+        instead of 0.82 s for twelve shapes with a warm cache, 2.0 s instead of 3.8 s with a cold
+        one. Each output is its API's own expression; XLA may share the common
         subexpressions (``s / T``, the student's log-softmax), as it does in any training step that
         computes more than a loss.
         """
