@@ -267,3 +267,18 @@ def test_kept_inputs_are_shared_read_only_and_bounded() -> None:
         small.get((i,), lambda i=i: (i, [block.copy()]))
     assert small.used <= small.limit and small.get((4,), lambda: (-1, [])) == 4
     assert small.get((0,), lambda: (-1, [])) == -1  # the oldest entry was dropped
+
+
+def test_kept_inputs_change_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cell judged from kept inputs gives the very results it gives with nothing kept."""
+    pytest.importorskip("torch")
+    from klparity import grid
+    from klparity.frameworks import REGISTRY
+
+    sel = grid.Selection(frameworks=("torch",), dtypes=("float16",), devices=("cpu",))
+    cells = [c for c in grid.cells(sel) if c.case.id in ("gauss3_8x1000_T1", "masked0.25_8x1000_T1", "nan_4x10_T1")]
+    kept = [r.to_dict() for c in cells for r in checks.run_cell(REGISTRY["torch"], c)]
+    kept += [r.to_dict() for c in cells for r in checks.run_cell(REGISTRY["torch"], c)]  # from the store
+    monkeypatch.setattr(checks, "_KEPT", checks._Kept(0))
+    fresh = [r.to_dict() for c in cells for r in checks.run_cell(REGISTRY["torch"], c)]
+    assert len(cells) >= 9 and kept == fresh + fresh
