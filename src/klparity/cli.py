@@ -31,7 +31,7 @@ def _selection(args: argparse.Namespace) -> grid.Selection:
         sel = grid.Selection(
             frameworks=frameworks,
             dtypes=grid.split_list(args.dtypes, DTYPE_NAMES),
-            devices=grid.split_list(args.devices, DEVICES),
+            devices=grid.split_list(args.devices, grid.default_devices()),
             tier=args.tier,
             seed=args.seed,
         )

@@ -7,6 +7,8 @@ device present, dtype range large enough) is decided when it runs.
 
 from __future__ import annotations
 
+import glob
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,6 +40,27 @@ class Selection:
             unknown = [g for g in given if g not in known]
             if unknown:
                 raise ValueError(f"unknown {name} {unknown[0]!r}; expected some of {', '.join(known)}")
+
+
+#: device nodes of a GPU a framework could use: NVIDIA, AMD ROCm (kfd), WSL2's paravirtual GPU (dxg)
+_GPU_NODE_PATTERNS = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_nodes() -> list[str]:
+    """The GPU device nodes present."""
+    return [node for pattern in _GPU_NODE_PATTERNS for node in glob.glob(pattern)]
+
+
+def gpu_possible() -> bool:
+    """False only where no framework can see a GPU (Linux without device nodes): GPU cells are then
+    not generated, without importing a framework to ask it. Elsewhere each framework is asked when a
+    cell runs."""
+    return not sys.platform.startswith("linux") or bool(gpu_nodes())
+
+
+def default_devices() -> tuple[str, ...]:
+    """The devices tested unless the user names some: cpu, and gpu where one is possible."""
+    return DEVICES if gpu_possible() else ("cpu",)
 
 
 def split_list(text: str | None, default: Iterable[str]) -> tuple[str, ...]:

@@ -9,11 +9,9 @@ once at the end), prints the matrix at the end of the run and writes it as JSON 
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,7 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
             frameworks=grid.split_list(opt.klparity_frameworks, REGISTRY),
             dtypes=grid.split_list(opt.klparity_dtypes, DTYPE_NAMES),
             # no GPU cells unless a GPU could be there, or they are asked for (then skipped, with why)
-            devices=grid.split_list(opt.klparity_devices, DEVICES if _gpu_possible() else ("cpu",)),
+            devices=grid.split_list(opt.klparity_devices, grid.default_devices()),
             tier=opt.klparity_tier,
             seed=opt.klparity_seed,
         )
@@ -112,23 +110,11 @@ def _jax_cache_dir(config: pytest.Config) -> str | None:
     return str(cache.mkdir("klparity-jax")) if cache is not None else None
 
 
-#: device nodes of a GPU a framework could use: NVIDIA, AMD ROCm (kfd), WSL2's paravirtual GPU (dxg)
-_GPU_NODE_PATTERNS = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
 _NO_GPU_NODE = "no GPU device node (/dev/nvidia*, /dev/kfd, /dev/dxg) on this machine"
 
 
-def _gpu_nodes() -> list[str]:
-    return [node for pattern in _GPU_NODE_PATTERNS for node in glob.glob(pattern)]
-
-
-def _gpu_possible() -> bool:
-    """False only where no framework can see a GPU (Linux without device nodes): skip GPU cells at
-    collection, without importing a framework to ask it. Elsewhere each framework is asked at run time."""
-    return not sys.platform.startswith("linux") or bool(_gpu_nodes())
-
-
 def _gpu_hint() -> str:
-    nodes = _gpu_nodes()
+    nodes = grid.gpu_nodes()
     return f"{len(nodes)} GPU device node(s): {', '.join(nodes)}" if nodes else f"none ({_NO_GPU_NODE})"
 
 
@@ -153,7 +139,7 @@ def _cell_marks(framework: str, device: str) -> list[pytest.MarkDecorator]:
         marks.append(pytest.mark.skip(reason=adapter.missing_reason()))
     if device == "gpu":
         marks.append(pytest.mark.gpu)
-        if not _gpu_possible():
+        if not grid.gpu_possible():
             marks.append(pytest.mark.skip(reason=_NO_GPU_NODE))
     return marks
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from klparity import plugin
+from klparity import grid, plugin
 from klparity.report import Collector, aggregate
 
 
@@ -83,15 +83,28 @@ def test_each_framework_runs_in_one_worker(tmp_path: Path) -> None:
 
 
 def test_gpu_cells_are_not_generated_without_a_gpu_device_node(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(plugin.glob, "glob", lambda pattern: [])
-    monkeypatch.setattr(plugin.sys, "platform", "linux")
-    assert not plugin._gpu_possible()
+    monkeypatch.setattr(grid.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(grid.sys, "platform", "linux")
+    assert not grid.gpu_possible() and grid.default_devices() == ("cpu",)
     assert "no GPU device node" in plugin._gpu_hint()
     skip = [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
     assert skip and "no GPU device node" in skip[0].kwargs["reason"]
-    monkeypatch.setattr(plugin.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
-    assert plugin._gpu_possible()
+    monkeypatch.setattr(grid.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
+    assert grid.gpu_possible() and grid.default_devices() == ("cpu", "gpu")
     assert not [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
+
+
+def test_klparity_report_has_the_same_default_devices_as_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU device node, `klparity report` neither generates GPU cells nor counts them as skipped."""
+    import argparse
+
+    from klparity import cli
+
+    monkeypatch.setattr(grid.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(grid.sys, "platform", "linux")
+    args = argparse.Namespace(frameworks=None, dtypes=None, devices=None, tier="quick", seed=0)
+    assert cli._selection(args).devices == ("cpu",)
+    assert cli._selection(argparse.Namespace(**{**vars(args), "devices": "cpu,gpu"})).devices == ("cpu", "gpu")
 
 
 def _check(i: int, ok: bool = True) -> dict[str, object]:
