@@ -17,7 +17,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -143,6 +143,9 @@ class Exact:
         )  # fmt: skip
 
 
+_V = TypeVar("_V")
+
+
 class _Kept:
     """Least-recently-used store of read-only arrays, bounded by their bytes.
 
@@ -153,12 +156,14 @@ class _Kept:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
-        self._items: OrderedDict[tuple[object, ...], tuple[object, int]] = OrderedDict()
+        self._items: OrderedDict[tuple[object, ...], tuple[Any, int]] = OrderedDict()
 
-    def get(self, key: tuple[object, ...], make: Callable[[], tuple[object, list[NDArray[Any]]]]) -> object:
+    def get(self, key: tuple[object, ...], make: Callable[[], tuple[_V, list[NDArray[Any]]]]) -> _V:
+        """The value kept under ``key``, else ``make()``'s value (its arrays made read-only), kept if it fits."""
         if key in self._items:
             self._items.move_to_end(key)
-            return self._items[key][0]
+            value: _V = self._items[key][0]
+            return value
         value, arrays = make()
         size = 64  # the entry itself, so that entries without arrays are bounded too
         for a in arrays:
@@ -180,33 +185,33 @@ _KEPT = _Kept(64 << 20)
 def rounded(case: Case, shift: int, dtype: str) -> tuple[NDArray[np.generic], NDArray[np.generic]]:
     """The case's (teacher, student) logits rounded to ``dtype``: what a framework receives (read-only)."""
 
-    def make() -> tuple[object, list[NDArray[Any]]]:
+    def make() -> tuple[tuple[NDArray[np.generic], NDArray[np.generic]], list[NDArray[Any]]]:
         t64, s64 = case.logits(shift)
         t_r, s_r = round_to(t64, dtype), round_to(s64, dtype)
         return (t_r, s_r), [t_r, s_r]
 
-    return cast(tuple[NDArray[np.generic], NDArray[np.generic]], _KEPT.get(("rounded", case, shift, dtype), make))
+    return _KEPT.get(("rounded", case, shift, dtype), make)
 
 
 def case_overflow(case: Case, shift: int, dtype: str) -> str | None:
     """``overflow_reason`` of the case's logits rounded to ``dtype`` (kept: every API's cell asks)."""
 
-    def make() -> tuple[object, list[NDArray[Any]]]:
+    def make() -> tuple[str | None, list[NDArray[Any]]]:
         t_r, s_r = rounded(case, shift, dtype)
         return overflow_reason(widen(t_r), widen(s_r), case.temperature, dtype), []
 
-    return cast("str | None", _KEPT.get(("overflow", case, shift, dtype), make))
+    return _KEPT.get(("overflow", case, shift, dtype), make)
 
 
 def case_exact(case: Case, shift: int, dtype: str, oracle_name: str = "numpy") -> Exact:
     """``Exact.of`` the case's logits rounded to ``dtype`` (read-only arrays)."""
 
-    def make() -> tuple[object, list[NDArray[Any]]]:
+    def make() -> tuple[Exact, list[NDArray[Any]]]:
         t_r, s_r = rounded(case, shift, dtype)
         ex = Exact.of(widen(t_r), widen(s_r), case.temperature, oracle_name)
         return ex, [getattr(ex, f.name) for f in fields(ex) if isinstance(getattr(ex, f.name), np.ndarray)]
 
-    return cast(Exact, _KEPT.get(("exact", case, shift, dtype, oracle_name), make))
+    return _KEPT.get(("exact", case, shift, dtype, oracle_name), make)
 
 
 #: Exact per-row KL: ``numpy`` is ``oracle.kl_from_logits`` (log space, phi-form sum); ``scipy`` is
