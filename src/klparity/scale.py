@@ -47,6 +47,7 @@ from klparity.dtypes import dtype_info, widen
 from klparity.frameworks import REGISTRY, Api, Output
 from klparity.frameworks.keras_adapter import loss as keras_loss
 from klparity.frameworks.torch_adapter import loss as torch_loss
+from klparity.frameworks.torch_adapter import to_float64
 from klparity.oracle import _oracle_threads
 from klparity.tolerances import Budget, budget
 
@@ -415,7 +416,7 @@ def _run_torch(
     out: dict[str, Output] = {}
     for red in api.reductions:
         res, caught = torch_loss(api, red, inp, tgt)
-        out[red] = Output(value=res.detach().to(torch.float64).numpy(),
+        out[red] = Output(value=to_float64(res),
                           dtype=str(res.dtype).removeprefix("torch."), warnings=caught)  # fmt: skip
     return out
 

@@ -36,6 +36,13 @@ def relayout(x: Any, layout: str) -> Any:
     return out
 
 
+def to_float64(x: Any) -> NDArray[np.float64]:
+    """A tensor's values as a float64 NumPy array on the host (exact for every tested dtype)."""
+    import torch
+
+    return np.asarray(x.detach().to("cpu", torch.float64).numpy(), np.float64)
+
+
 def loss(api: Api, red: str, inp: Any, tgt: Any) -> tuple[Any, tuple[str, ...]]:
     """One reduction of the torch API on given input and target tensors (``'default'``: no reduction
     argument), and the warnings it raised."""
@@ -107,13 +114,12 @@ class TorchAdapter(Adapter):
         device: str,
         layout: str,
     ) -> dict[str, Output]:
-        torch = self._torch()
         _, _, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=False)
         out: dict[str, Output] = {}
         for red in api.reductions:
             res, caught = loss(api, red, inp, tgt)
             out[red] = Output(
-                value=res.detach().to("cpu", torch.float64).numpy(),
+                value=to_float64(res),
                 dtype=str(res.dtype).removeprefix("torch."),
                 warnings=caught,
             )
@@ -155,15 +161,14 @@ class TorchAdapter(Adapter):
         """Each reduction's gradients w.r.t. both logits (``autograd.grad``; 'none' differentiates the sum)."""
         torch = self._torch()
         t, s, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=True)
-        seen_t = tgt.detach().to("cpu", torch.float64).numpy()
-        seen_i = inp.detach().to("cpu", torch.float64).numpy()
+        seen_t, seen_i = to_float64(tgt), to_float64(inp)
         out: dict[str, GradOutput] = {}
         for red in api.reductions:
             res, caught = loss(api, red, inp, tgt)
             g_s, g_t = torch.autograd.grad(res, (s, t), grad_outputs=torch.ones_like(res), retain_graph=True)
             out[red] = GradOutput(
-                student=g_s.detach().to("cpu", torch.float64).numpy(),
-                teacher=None if g_t is None else g_t.detach().to("cpu", torch.float64).numpy(),
+                student=to_float64(g_s),
+                teacher=None if g_t is None else to_float64(g_t),
                 dtype=str(g_s.dtype).removeprefix("torch."),
                 seen_target=seen_t,
                 seen_input=seen_i,
