@@ -2,9 +2,15 @@
 
 bfloat16 comes from ``ml_dtypes`` (the package JAX and TensorFlow themselves use for it). The suite
 rounds the float64 case data once, here, and hands the frameworks the rounded values, which they
-store exactly: so the oracle and every framework see bit-identical inputs whatever way each
-framework would itself round float64 (ml_dtypes goes through float32 for bfloat16; NumPy rounds to
-float16 in one step, while torch, TF and JAX go through float32 — the two can differ in the last bit).
+store exactly: so the oracle and every framework see bit-identical inputs.
+
+``round_to`` rounds the way the frameworks' own casts do (``Tensor.to``, ``tf.cast``, ``astype`` in
+JAX): float64 -> float16 and float64 -> bfloat16 go through float32, two roundings to nearest even,
+which differ from one correct rounding when the first lands on a tie of the narrow format
+(1 + 2**-8 + 2**-30 -> 1.0 in bfloat16, not 1 + 2**-7). The two steps are written out here rather
+than left to NumPy or ml_dtypes, whose float64 conversions are one correct rounding (NumPy's float16
+always; ml_dtypes' bfloat16 from 0.7.0 on, through float32 before): a dependency's release must not
+change the suite's data. tests/unit/test_dtypes.py compares with each installed framework's cast.
 """
 
 from __future__ import annotations
@@ -57,9 +63,18 @@ def dtype_info(name: str) -> DTypeInfo:
         raise ValueError(f"unknown dtype {name!r}; expected one of {DTYPE_NAMES}") from None
 
 
+#: Dtypes the frameworks' casts reach from float64 through float32 (see the module docstring).
+VIA_FLOAT32: Final = frozenset({"float16", "bfloat16"})
+
+
 def round_to(x: NDArray[np.float64], dtype: str) -> NDArray[np.generic]:
-    """Round float64 values to ``dtype`` (to nearest even; bfloat16 via float32), as that dtype's array."""
-    return np.asarray(x, dtype=np.float64).astype(dtype_info(dtype).numpy)
+    """Round float64 values to ``dtype`` as torch, TensorFlow and JAX cast them: to nearest even, and
+    through float32 for float16 and bfloat16. Returns an array of that dtype."""
+    target = dtype_info(dtype).numpy
+    wide = np.asarray(x, dtype=np.float64)
+    if dtype in VIA_FLOAT32:
+        return wide.astype(np.float32).astype(target)  # past float32's range is past the target's: inf, as before
+    return wide.astype(target)
 
 
 def widen(x: NDArray[np.generic]) -> NDArray[np.float64]:
