@@ -5,8 +5,10 @@ Both files are verdict matrices written by ``klparity report --json`` or ``pytes
 status 1): a row that passed and now fails, or fails more checks; a check that fails now and did
 not before; headroom (tolerance / error = 1 / tightness) that shrank by more than
 ``tolerances.HEADROOM_SHRINK_FACTOR`` while the row uses at least ``HEADROOM_IGNORE_BELOW`` of its
-tolerance; a row that vanished (coverage lost). Reported but not blocking: version changes, rows
-fixed or new, documented differences that appeared or went away, smaller moves in tightness.
+tolerance; a row that vanished (coverage lost). Reported but not blocking: version changes (of the
+frameworks, and of every installed distribution by name, so that a dependency's release is named beside
+the rows it moved), rows fixed or new, documented differences that appeared or went away, smaller
+moves in tightness.
 Malformed or incompatible files (another schema, missing keys, another tier or seed) exit 2.
 """
 
@@ -58,6 +60,7 @@ class Report:
     selection: dict[str, Any]
     rows: dict[RowKey, Row]
     failed: dict[tuple[str, ...], str]  #: failing check id -> first problem
+    packages: dict[str, str] = field(default_factory=dict)  #: distribution -> version (absent in old files)
 
 
 def _number(value: Any, where: str) -> float:
@@ -119,7 +122,11 @@ def load_report(path: str | Path) -> Report:
     for i, c in enumerate(_need(doc, "failed_checks", list, where)):
         problems = c.get("problems", []) if isinstance(c, dict) else []
         failed[_check_id(c, f"{where}: failed_checks[{i}]")] = str(problems[0]) if problems else ""
-    return Report(where, {str(k): str(v) for k, v in env.items()}, selection, rows, failed)
+    pkgs = doc.get("packages", {})
+    if not isinstance(pkgs, dict):
+        raise CompareError(f"{where}: 'packages' should be an object of distribution -> version")
+    return Report(where, {str(k): str(v) for k, v in env.items()}, selection, rows, failed,
+                  {str(k): str(v) for k, v in pkgs.items()})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ comparison
@@ -132,6 +139,7 @@ class Comparison:
     blocking: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     environment: list[str] = field(default_factory=list)
+    packages: list[str] = field(default_factory=list)  #: installed distributions that changed
     unchanged: int = 0
 
     @property
@@ -208,6 +216,11 @@ def compare(before: Report, after: Report, *, allow_vanished: bool = False) -> C
         vb, va = before.environment.get(k, "absent"), after.environment.get(k, "absent")
         if vb != va:
             out.environment.append(f"{k}: {vb} -> {va}")
+    if before.packages and after.packages:  # files written before packages were recorded have none
+        for k in sorted(set(before.packages) | set(after.packages)):
+            vb, va = before.packages.get(k, "absent"), after.packages.get(k, "absent")
+            if vb != va:
+                out.packages.append(f"{k} {vb} -> {va}")
     for k in sorted(set(before.selection) | set(after.selection)):
         if k not in _MUST_MATCH and before.selection.get(k) != after.selection.get(k):
             out.notes.append(f"{'SELECTION':<13} {k}: {before.selection.get(k)} -> {after.selection.get(k)}")
@@ -237,6 +250,11 @@ def render(before: Report, after: Report, result: Comparison) -> str:
     lines = [f"klparity compare: {before.path} -> {after.path}"]
     lines.append("environment: unchanged" if not result.environment else "environment:")
     lines += [f"  {e}" for e in result.environment]
+    if before.packages and after.packages:
+        n = len(set(before.packages) | set(after.packages))
+        lines.append(f"packages ({len(result.packages)} of {n} changed):" if result.packages
+                     else f"packages: all {n} unchanged")  # fmt: skip
+        lines += [f"  {p}" for p in result.packages]
     sel = after.selection
     lines.append(f"selection: tier {sel.get('tier')}, seed {sel.get('seed')}; rows {len(before.rows)} -> "
                  f"{len(after.rows)}, {result.unchanged} unchanged")  # fmt: skip

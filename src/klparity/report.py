@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -139,11 +140,25 @@ def environment() -> dict[str, str]:
     return env
 
 
+def packages() -> dict[str, str]:
+    """Every installed distribution and its version (normalised names, sorted): a dependency's release
+    (ml_dtypes, scipy, ...) shows up by name in ``klparity compare``, beside the rows it moved."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out[re.sub(r"[-_.]+", "-", name).lower()] = dist.version
+    return dict(sorted(out.items()))
+
+
 def write_json(path: str | Path, rows: list[Row], results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Write the baseline file: environment, selection, matrix rows and per-check failures."""
     doc = {
         "schema": SCHEMA,
         "environment": environment(),
+        "packages": packages(),
         "selection": meta,
         "summary": {
             "checks": sum(r.checks for r in rows),

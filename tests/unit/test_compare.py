@@ -141,3 +141,44 @@ def test_non_finite_tightness_round_trips(tmp_path: Path, capsys: pytest.Capture
     after = _write(tmp_path / "after.json", _with(3, ok=False, tightness=float("inf")))
     code, out, _ = _run(before, after, capsys)
     assert code == 1 and "err/tol 0.3 -> inf" in out
+
+
+def test_a_dependency_release_is_named_beside_the_rows_it_moved(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dependency drift (the scheduled job's case): every installed distribution is in the report, so a
+    release such as ml_dtypes 0.7.0 is named; it blocks only through the rows' own rule."""
+    before = _write(tmp_path / "before.json", BASE)
+    doc = json.loads(before.read_text())
+    assert doc["packages"]["numpy"] and doc["packages"]["pytest"]  # the real environment, names normalised
+    doc["packages"] = {**doc["packages"], "ml-dtypes": "0.6.0"}
+    (tmp_path / "before.json").write_text(json.dumps(doc))
+    moved = json.loads(_write(tmp_path / "after.json", _with(0, tightness=0.25)).read_text())
+    moved["packages"] = {**doc["packages"], "ml-dtypes": "0.7.0", "new-dep": "1.0"}
+    (tmp_path / "after.json").write_text(json.dumps(moved))
+    code, out, _ = _run(before, tmp_path / "after.json", capsys)
+    assert code == 0 and "ok to merge" in out
+    assert "ml-dtypes 0.6.0 -> 0.7.0" in out and "new-dep absent -> 1.0" in out and "packages (2 of" in out
+    assert "CHANGED" in out and "torch.nn.KLDivLoss() float32" in out
+    # the same drift with a row that now fails blocks, by the row's rule
+    failing = json.loads(_write(tmp_path / "fail.json", _with(0, ok=False, tightness=2.0)).read_text())
+    failing["packages"] = moved["packages"]
+    (tmp_path / "fail.json").write_text(json.dumps(failing))
+    code, out, _ = _run(before, tmp_path / "fail.json", capsys)
+    assert code == 1 and "NEW FAILURE" in out and "ml-dtypes 0.6.0 -> 0.7.0" in out
+    # an identical environment says so; an old file without packages compares as before
+    code, out, _ = _run(before, before, capsys)
+    assert code == 0 and "packages: all" in out and "unchanged" in out
+    del doc["packages"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    code, out, _ = _run(tmp_path / "old.json", tmp_path / "after.json", capsys)
+    assert code == 0 and "packages" not in out
+
+
+def test_packages_must_be_an_object(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _write(tmp_path / "good.json", BASE)
+    doc = json.loads(good.read_text())
+    doc["packages"] = ["numpy"]
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    code, _, err = _run(good, tmp_path / "bad.json", capsys)
+    assert code == 2 and "'packages' should be an object" in err
