@@ -19,6 +19,7 @@ import functools
 import math
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Final, Literal
 
@@ -48,6 +49,12 @@ _EXTRA_FLOAT_NAMES: Final = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2
 # psi(d) = d*e^d - expm1(d) = sum_{n>=2} (n-1) d^n / n!, used for |d| < 1 where the closed form
 # cancels. Coefficients c_n = (n-1)/n! for n = 2..25; the n = 25 term is below 1e-24 at |d| = 1.
 _PSI_COEFFS: Final = tuple((n - 1) / math.factorial(n) for n in range(2, 26))
+
+# f(d) = (1 + d) log1p(d) - d = d^2 sum_{j>=0} (-1)^j d^j / ((j + 2)(j + 1)), used for |d| <= 1/8 where
+# the closed form cancels. Coefficients c_j for j = 0..17: at |d| = 1/8 the first omitted term is
+# 8^-18 / 380 < 2^-61 of the leading 1/2.
+_F_SERIES_MAX: Final = 0.125
+_F_COEFFS: Final = tuple((-1.0) ** j / ((j + 2) * (j + 1)) for j in range(18))
 
 
 def _as_float64(x: ArrayLike, name: str) -> F64:
@@ -304,20 +311,266 @@ def kl_from_log_probs(log_p: ArrayLike, log_q: ArrayLike) -> F64:
     return np.where(_row_has_nan(lp, lq), np.nan, rows)
 
 
+# ------------------------------------------------------------- p log(p/q) where p is close to q
+#
+# Where q/2 <= p <= 2q, p - q is exact (Sterbenz's lemma) and d = (p - q)/q, in [-1/2, 1], carries one
+# rounding. There p log(p/q) = p log1p(d) (each term to a few roundings, where p (log p - log q)
+# cancels: its error u p (|log p| + |log q|) is next to a term of about |p - q|), and for row sums
+# p log(p/q) = q f(d) + (p - q) with f(d) = (1 + d) log1p(d) - d >= 0 (second order): for p close to
+# q class by class the KL is second order while each term is first order, so even a sum of exact
+# terms would cancel; the q f(d) are accurate and non-negative, the p - q exact and summed accurately.
+# Every element's value depends on its own p and q only, whichever way a block is evaluated, so a
+# row's KL does not depend on the other rows it is computed with.
+
+#: The caller's elementwise formula away from p = q: its values (a fresh array, in the shape of p),
+#: or a function ``far(p, q, out, scratch) -> out`` writing them for flat p, q into ``out`` (all four
+#: of one size and distinct).
+_FarTerms = F64 | Callable[[F64, F64, F64, F64], F64]
+
+
+class _Work:
+    """Float64 and bool work arrays of ``size`` elements, reused for every block (fresh arrays would
+    cost a page fault per 4 KiB each time); kept per thread between calls, like ``_Buffers``."""
+
+    def __init__(self, size: int) -> None:
+        self.f = tuple(np.empty(size) for _ in range(9))
+        self.b = tuple(np.empty(size, dtype=np.bool_) for _ in range(4))
+
+    @staticmethod
+    def of_thread(size: int) -> _Work:
+        work: _Work | None = getattr(_THREAD_STATE, "rel_entr_work", None)
+        if work is None or work.f[0].size < size:
+            work = _THREAD_STATE.rel_entr_work = _Work(size)
+        return work
+
+
+def _near_into(p: F64, q: F64, out: NDArray[np.bool_], two: F64, tmp: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """``out`` = where ``0 < q < inf``, ``p < inf`` and ``q/2 <= p <= 2q``; ``two``, ``tmp`` are scratch
+    (all flat).
+
+    Tested as ``2p >= q`` and ``2q >= p``: doubling is exact, and for finite p and q overflows to inf
+    only where the inequality holds anyway. NaN is never near, nor ``p == 0`` (``2*0 >= q`` fails for
+    ``q > 0``), nor an infinite p or q.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.greater_equal(np.add(p, p, out=two), q, out=out)
+        out &= np.greater_equal(np.add(q, q, out=two), p, out=tmp)
+        out &= np.greater(q, 0.0, out=tmp)
+        out &= np.less(q, np.inf, out=tmp)
+        out &= np.less(p, np.inf, out=tmp)
+    return out
+
+
+def _f_series_into(d: F64, out: F64) -> None:
+    """``out`` = d^2 sum_{j<=17} c_j d^j by Horner (``_F_COEFFS``); 0 where d == 0."""
+    out.fill(_F_COEFFS[-1])
+    for c in reversed(_F_COEFFS[:-1]):
+        np.multiply(out, d, out=out)
+        np.add(out, c, out=out)
+    np.multiply(out, d, out=out)
+    np.multiply(out, d, out=out)
+
+
+def _f_closed_into(d: F64, out: F64, lg: F64) -> None:
+    """``out`` = (L - d) + d L with L = log1p(d) (``lg`` is scratch); 0 where d == 0."""
+    np.log1p(d, out=lg)
+    np.subtract(lg, d, out=out)
+    np.multiply(lg, d, out=lg)
+    np.add(out, lg, out=out)
+
+
+def _f_near_into(d: F64, out: F64, work: _Work) -> F64:
+    """``out`` = f(d) = (1 + d) log1p(d) - d >= 0 for ``d`` in [-1/2, 1] (flat), to a few roundings.
+
+    f is second order (about d^2/2), so the closed form loses all digits for small d. For
+    ``|d| <= 1/8`` the alternating series d^2 (1/2 - d/6 + d^2/12 - ...) to degree 17 is summed by
+    Horner: its terms shrink by at least 8x (no cancellation: about 4 roundings relative to f,
+    counting d's own; truncation below 2^-60 of f). For ``1/8 < |d| <= 1``, ``f = (L - d) + d L``
+    with ``L = log1p(d)``: ``L - d`` is exact by Sterbenz (d/2 <= L <= 2d on [-1/2, 1]), so only
+    log1p's error, weighted by (1 + d)|L| / f <= 18, is amplified: at most about 40 roundings
+    relative to f (18 measured). Where both kinds occur, each form gets its own d and 0 for the
+    others (both forms give exactly 0 at 0) and the two results are added: no masked writes, whose
+    cost on an unpredictable mask is several times that of the arithmetic.
+    """
+    n = d.size
+    small = np.less_equal(np.abs(d, out=out), _F_SERIES_MAX, out=work.b[0][:n])
+    n_small = np.count_nonzero(small)
+    if n_small == n:
+        _f_series_into(d, out)
+    elif n_small == 0:
+        _f_closed_into(d, out, work.f[5][:n])
+    else:
+        part, lg = work.f[5][:n], work.f[6][:n]
+        _f_series_into(np.multiply(d, small, out=part), out)
+        np.multiply(d, np.logical_not(small, out=work.b[1][:n]), out=part)
+        _f_closed_into(part, lg, work.f[7][:n])
+        np.add(out, lg, out=out)
+    return out
+
+
+def _accurate_row_sum(x: F64, work: F64) -> F64:
+    """Row sums over the last axis of a 2-D array of *finite* values, nearly correctly rounded;
+    ``x`` is overwritten, ``work`` is scratch of ``x``'s shape.
+
+    Two extractions (Rump, Ogita and Oishi, "Accurate floating-point summation", SIAM J. Sci. Comput.
+    31, 2008, Lemma 3.3): with sigma = 2^(M + e), 2^M >= n + 2 and 2^e > max |x|, every
+    ``hi = (x + sigma) - sigma`` is a multiple of u sigma and so are all partial sums of the hi,
+    which stay below sigma: ``sum(hi)`` is exact in any order, and ``x - hi`` (|x - hi| <= u sigma)
+    is exact too. Extracting twice leaves remainders below about 4 (n + 2)^2 u^2 max |x|, summed in
+    plain float64: the result is within one rounding of the exact sum plus about 2^9 n^3 u^3 max |x|.
+    """
+    shift = math.ceil(math.log2(x.shape[-1] + 2))
+    plain = np.sum(x, axis=-1)
+    parts = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for _ in range(2):
+            _, e = np.frexp(np.max(np.abs(x, out=work), axis=-1, keepdims=True))
+            sigma = np.ldexp(1.0, e + shift)
+            hi = np.subtract(np.add(x, sigma, out=work), sigma, out=work)
+            np.subtract(x, hi, out=x)
+            parts.append(np.sum(hi, axis=-1))
+        total = parts[0] + (parts[1] + np.sum(x, axis=-1))
+    # sigma overflows only for |x| near float64's largest values: the plain sum is all there is then
+    return np.asarray(np.where(np.isfinite(total), total, plain), dtype=np.float64)
+
+
+def _far_values(far: _FarTerms, p: F64, q: F64, sel: NDArray[np.bool_] | None, bufs: tuple[F64, ...]) -> F64:
+    """The caller's far-form values on the classes of ``sel`` (flat; ``None``: all), in ``bufs[0]``
+    (``far`` an array: a view of it when ``sel`` is None); ``bufs`` are four distinct work arrays."""
+    if isinstance(far, np.ndarray):
+        flat = far.reshape(-1)
+        return flat if sel is None else np.compress(sel, flat, out=bufs[0])
+    if sel is None:
+        return far(p, q, bufs[0], bufs[1])
+    return far(np.compress(sel, p, out=bufs[2]), np.compress(sel, q, out=bufs[3]), bufs[0], bufs[1])
+
+
+def _rel_entr_rows_into(p: F64, q: F64, near: NDArray[np.bool_], far: _FarTerms, work: _Work) -> F64:
+    """Row sums over the last axis of ``p log(p/q)`` for 2-D C-contiguous ``p``, ``q``.
+
+    ``far`` gives the caller's elementwise formula, used off ``near`` (``_near_into``); on ``near``
+    classes the term is q f(d) and the p - q are summed apart: with NumPy's pairwise sum where its
+    error bound, (24 + log2 n) u sum |p - q| (at most 16 roundings in a block of 128, then one per
+    halving), is below u |row|, else by ``_accurate_row_sum``. The row's error is then a few
+    roundings of sum_j |t_j| (t_j: q f(d) on near classes, the far formula elsewhere) plus one of
+    the row: a few roundings relative to the row wherever the t_j do not cancel (among themselves or
+    against sum (p - q)); on a row of near classes only, the t_j are >= 0. The terms are evaluated
+    three ways (every class near; mostly near: the near formula on all classes, far ones replaced by
+    p = q = 1, and the far formula on the far classes only; mostly far: the far formula on all
+    classes, the near one on the near classes only), each giving the same value for every class.
+    """
+    shape, n = p.shape, p.size
+    pf, qf, nf = p.reshape(-1), q.reshape(-1), near.reshape(-1)
+    k = np.count_nonzero(nf)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore", divide="ignore"):
+        if k == 0:
+            values = _far_values(far, pf, qf, None, (work.f[3][:n], work.f[8][:n]))
+            return np.asarray(np.sum(values.reshape(shape), axis=-1))
+        if 2 * k >= n:  # the near formula on every class
+            if k < n:
+                far_mask = np.logical_not(nf, out=work.b[2][:n])
+                pn, qn = work.f[0][:n], work.f[1][:n]
+                np.copyto(pn, pf)
+                np.copyto(qn, qf)
+                np.copyto(pn, 1.0, where=far_mask)  # d = 0, p - q = 0 there
+                np.copyto(qn, 1.0, where=far_mask)
+            else:
+                pn, qn = pf, qf
+            lin = np.subtract(pn, qn, out=work.f[2][:n])
+            term = _f_near_into(np.divide(lin, qn, out=work.f[4][:n]), work.f[3][:n], work)
+            np.multiply(term, qn, out=term)
+            if k < n:
+                bufs = tuple(work.f[i][: n - k] for i in (5, 6, 7, 8))
+                np.place(term, far_mask, _far_values(far, pf, qf, far_mask, bufs))
+        else:  # the far formula on every class, the near one on the near classes
+            term = _far_values(far, pf, qf, None, (work.f[3][:n], work.f[8][:n]))
+            pn = np.compress(nf, pf, out=work.f[0][:k])
+            qn = np.compress(nf, qf, out=work.f[1][:k])
+            diff = np.subtract(pn, qn, out=work.f[2][:k])
+            fd = _f_near_into(np.divide(diff, qn, out=work.f[4][:k]), work.f[0][:k], work)
+            np.place(term, nf, np.multiply(fd, qn, out=fd))
+            lin = work.f[8][:n]
+            lin.fill(0.0)
+            np.place(lin, nf, diff)
+        term2, lin2, scratch = term.reshape(shape), lin.reshape(shape), work.f[4][:n].reshape(shape)
+        rows = np.sum(term2, axis=-1)
+        lin_rows = np.sum(lin2, axis=-1)
+        slack = (24 + math.log2(shape[-1])) * np.sum(np.abs(lin2, out=scratch), axis=-1)
+        redo = ~(slack <= np.abs(rows + lin_rows))
+        if redo.all():
+            lin_rows = _accurate_row_sum(lin2, scratch)
+        elif redo.any():
+            lin_rows[redo] = _accurate_row_sum(lin2[redo], scratch[: np.count_nonzero(redo)])
+        return np.asarray(rows + lin_rows, dtype=np.float64)
+
+
+#: ``_rel_entr_rows`` works in blocks of rows of about this many elements (cache-sized work arrays).
+_REL_ENTR_BLOCK_ELEMENTS: Final = 1 << 15
+
+
+def _rel_entr_rows(p: F64, q: F64, far: _FarTerms, extra_far: NDArray[np.bool_] | None = None) -> F64:
+    """``_rel_entr_rows_into`` on arrays of any shape (rows over the last axis), in cache-sized blocks
+    of rows with reused work arrays; classes of ``extra_far`` keep the far formula."""
+    c = p.shape[-1]
+    p2, q2 = (np.ascontiguousarray(x).reshape(-1, c) for x in (p, q))
+    if isinstance(far, np.ndarray):
+        far = np.ascontiguousarray(far).reshape(p2.shape)
+    keep_far = None if extra_far is None else np.broadcast_to(extra_far, p.shape).reshape(p2.shape)
+    n_rows = p2.shape[0]
+    step = max(1, min(n_rows, _REL_ENTR_BLOCK_ELEMENTS // c))
+    work = _Work.of_thread(step * c)
+    near_buf = work.b[3]
+    rows = np.empty(n_rows)
+    for lo in range(0, n_rows, step):
+        pb, qb = p2[lo : lo + step], q2[lo : lo + step]
+        n = pb.size
+        near = _near_into(pb.reshape(-1), qb.reshape(-1), near_buf[:n], work.f[0][:n], work.b[1][:n])
+        if keep_far is not None:
+            near &= ~keep_far[lo : lo + step].reshape(-1)
+        far_b = far[lo : lo + step] if isinstance(far, np.ndarray) else far
+        rows[lo : lo + step] = _rel_entr_rows_into(pb, qb, near.reshape(pb.shape), far_b, work)
+    return rows.reshape(p.shape[:-1])
+
+
+def _rel_entr_terms(p: F64, q: F64, term: F64) -> F64:
+    """Elementwise ``p log(p/q)``: ``term`` (the caller's formula, a fresh array, overwritten and
+    returned) except where ``q/2 <= p <= 2q``, where ``p * log1p((p - q)/q)`` is used: p - q is
+    exact there and log1p of a small argument is well conditioned, so each term is within a few
+    roundings of the exact value (the caller's two-log or log-of-ratio form cancels near p = q)."""
+    two, tmp = np.empty(p.size), np.empty(p.size, dtype=np.bool_)
+    near = _near_into(p.reshape(-1), q.reshape(-1), np.empty(p.size, dtype=np.bool_), two, tmp).reshape(p.shape)
+    if near.any():
+        pn, qn = p[near], q[near]
+        with np.errstate(under="ignore"):
+            term[near] = pn * np.log1p((pn - qn) / qn)
+    return term
+
+
+def _probs_far(p: F64, q: F64, out: F64, scratch: F64) -> F64:
+    """``kl_from_probs``'s formula off p = q: ``p (log p - log q)``, 0 where ``p == 0``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.subtract(np.log(p, out=out), np.log(q, out=scratch), out=out)
+        np.multiply(out, p, out=out)
+        np.copyto(out, 0.0, where=p == 0)
+    return out
+
+
 def kl_from_probs(p: ArrayLike, q: ArrayLike) -> F64:
     """Per-row sum_j p_j log(p_j / q_j) over the last axis (``rel_entr`` semantics), no renormalisation.
 
     ``p_j = 0`` contributes 0 (also where ``q_j = 0``); ``p_j > 0`` with ``q_j = 0`` gives ``+inf``;
-    NaN anywhere in a row gives NaN. Negative entries raise ``ValueError``.
+    NaN anywhere in a row gives NaN. Negative entries raise ``ValueError``. Where ``q/2 <= p <= 2q``
+    the row is summed cancellation-free (``_rel_entr_rows_into``): rows with p close to q class by
+    class (a KL of second order) keep a relative accuracy of a few roundings; elsewhere the term is
+    ``p (log p - log q)``. Works in cache-sized blocks of rows, in reused work arrays; a row's value
+    does not depend on the rows computed with it.
     """
     pa = _as_float64(p, "p")
     qa = _as_float64(q, "q")
     _same_shape(pa, qa, ("p", "q"))
     if np.any(pa < 0) or np.any(qa < 0):
         raise ValueError("probabilities must be >= 0; found a negative entry in p or q")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        term = np.where(pa == 0, 0.0, pa * (np.log(pa) - np.log(qa)))
-        rows = np.sum(term, axis=-1)
+    rows = _rel_entr_rows(pa, qa, _probs_far)
     return np.where(_row_has_nan(pa, qa), np.nan, rows)
 
 
@@ -378,12 +631,13 @@ def keras_pointwise(
     """Keras's elementwise KL term: both clipped to ``[epsilon, 1]``, then ``t * log(t / p)``.
 
     No renormalisation after clipping. ``epsilon`` should already be rounded to the compute dtype
-    (see ``keras_kl_divergence``).
+    (see ``keras_kl_divergence``). Where ``p/2 <= t <= 2p`` the term is ``t * log1p((t - p)/p)``, the
+    same value without the cancellation of ``log(t/p)`` near 1 (``_rel_entr_terms``).
     """
     t = np.clip(_as_float64(y_true, "y_true"), epsilon, 1.0)
     p = np.clip(_as_float64(y_pred, "y_pred"), epsilon, 1.0)
     _same_shape(t, p, ("y_true", "y_pred"))
-    return np.asarray(t * np.log(t / p), dtype=np.float64)
+    return _rel_entr_terms(t, p, t * np.log(t / p))
 
 
 def keras_reduce(rows: F64, reduction: str | None) -> F64:
@@ -417,15 +671,17 @@ def keras_kl_divergence(
 
     ``compute_max`` is the largest finite value of the compute dtype (a scalar, or one per element):
     a ratio ``t / p`` above it overflows to ``inf`` in Keras (float16 compute: ``1 / 1e-7`` does),
-    and does so here too.
+    and does so here too. Rows are summed cancellation-free where ``p/2 <= t <= 2p``
+    (``_rel_entr_rows``), so near-equal clipped rows keep their relative accuracy.
     """
     t = np.clip(_as_float64(y_true, "y_true"), epsilon, 1.0)
     p = np.clip(_as_float64(y_pred, "y_pred"), epsilon, 1.0)
     _same_shape(t, p, ("y_true", "y_pred"))
     ratio = t / p
-    ratio = np.where(ratio > compute_max, np.inf, ratio)
-    rows = np.sum(t * np.log(ratio), axis=-1)
-    return keras_reduce(np.asarray(rows, dtype=np.float64), reduction)
+    overflow = ratio > compute_max
+    ratio = np.where(overflow, np.inf, ratio)
+    rows = _rel_entr_rows(t, p, t * np.log(ratio), extra_far=overflow)
+    return keras_reduce(rows, reduction)
 
 
 def keras_clip_gap_bound(p: ArrayLike, q: ArrayLike, *, epsilon: float = KERAS_EPSILON) -> F64:
@@ -441,6 +697,7 @@ def keras_clip_gap_bound(p: ArrayLike, q: ArrayLike, *, epsilon: float = KERAS_E
     clipped = (pa < epsilon) | (qa < epsilon)
     with np.errstate(invalid="ignore", divide="ignore"):
         exact_term = np.where(pa == 0, 0.0, pa * (np.log(pa) - np.log(qa)))
+    exact_term = _rel_entr_terms(pa, qa, exact_term)
     clip_term = keras_pointwise(pa, qa, epsilon=epsilon)
     bound = np.where(clipped, np.abs(clip_term) + np.abs(exact_term), 0.0)
     return np.asarray(np.sum(bound, axis=-1), dtype=np.float64)
