@@ -168,6 +168,7 @@ def write_json(path: str | Path, rows: list[Row], results: list[dict[str, Any]],
         "matrix": [r.to_dict() for r in rows],
         "failed_checks": [r for r in results if not r["ok"]],
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # e.g. tox's {toxworkdir}/reports on a fresh .tox
     Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 

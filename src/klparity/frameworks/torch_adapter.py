@@ -6,7 +6,10 @@ The student goes in as ``log_softmax(s / T)``, the target as ``softmax(t / T)`` 
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import warnings
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -71,6 +74,18 @@ class TorchAdapter(Adapter):
     dtypes = ("float16", "bfloat16", "float32", "float64")
     layouts = ("contiguous", "transposed", "strided")
     _mod: ModuleType | None = None
+
+    def version(self) -> str:
+        """torch's own ``__version__``, build label included (2.13.0+cpu, 2.14.1+cu130: a build change
+        is a change), read from ``torch/version.py`` without importing torch; the distribution's
+        metadata drops the label of some builds (the CUDA wheels say 2.14.1)."""
+        plain = super().version()
+        try:
+            text = Path(str(importlib.metadata.distribution(self.distribution).locate_file("torch/version.py")))
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text.read_text(), re.MULTILINE)
+        except (importlib.metadata.PackageNotFoundError, OSError):
+            return plain
+        return found.group(1) if found else plain
 
     def _torch(self) -> ModuleType:
         if TorchAdapter._mod is None:
