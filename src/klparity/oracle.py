@@ -21,7 +21,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -174,6 +174,19 @@ def _oracle_threads() -> int:
 _THREAD_STATE = threading.local()
 
 
+_Kept = TypeVar("_Kept", "_Buffers", "_Work")
+
+
+def _thread_kept(kind: type[_Kept], attr: str, size: int) -> _Kept:
+    """This thread's ``kind`` work arrays (kept between calls under ``attr``), made anew only when
+    they hold fewer than ``size`` elements."""
+    kept: _Kept | None = getattr(_THREAD_STATE, attr, None)
+    if kept is None or kept.capacity < size:
+        kept = kind(size)
+        setattr(_THREAD_STATE, attr, kept)
+    return kept
+
+
 class _Buffers:
     """The float64 work arrays of one thread, kept between calls and reused for every block.
 
@@ -184,12 +197,13 @@ class _Buffers:
     def __init__(self, size: int) -> None:
         self.flat = tuple(np.empty(size) for _ in range(3))
 
+    @property
+    def capacity(self) -> int:
+        return int(self.flat[0].size)
+
     @staticmethod
     def of_thread(size: int) -> _Buffers:
-        buf: _Buffers | None = getattr(_THREAD_STATE, "buffers", None)
-        if buf is None or buf.flat[0].size < size:
-            buf = _THREAD_STATE.buffers = _Buffers(size)
-        return buf
+        return _thread_kept(_Buffers, "buffers", size)
 
     def views(self, rows: int, classes: int) -> tuple[F64, F64, F64]:
         a, b, d = (x[: rows * classes].reshape(rows, classes) for x in self.flat)
@@ -336,12 +350,13 @@ class _Work:
         self.f = tuple(np.empty(size) for _ in range(9))
         self.b = tuple(np.empty(size, dtype=np.bool_) for _ in range(4))
 
+    @property
+    def capacity(self) -> int:
+        return int(self.f[0].size)
+
     @staticmethod
     def of_thread(size: int) -> _Work:
-        work: _Work | None = getattr(_THREAD_STATE, "rel_entr_work", None)
-        if work is None or work.f[0].size < size:
-            work = _THREAD_STATE.rel_entr_work = _Work(size)
-        return work
+        return _thread_kept(_Work, "rel_entr_work", size)
 
 
 def _near_into(p: F64, q: F64, out: NDArray[np.bool_], two: F64, tmp: NDArray[np.bool_]) -> NDArray[np.bool_]:

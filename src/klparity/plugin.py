@@ -340,7 +340,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     sel = config.stash[_SELECTION_KEY]
     meta = {"tier": sel.tier, "seed": sel.seed, "frameworks": sel.frameworks, "dtypes": sel.dtypes,
-            "devices": sel.devices, "runner": "pytest", "oracle": config.option.klparity_oracle}  # fmt: skip
+            "devices": sel.devices, "runner": "pytest", "oracle": config.option.klparity_oracle,
+            "threads": config.option.klparity_threads or "default (1 per xdist worker)"}  # fmt: skip
     write_json(path, _COLLECTOR.rows(), _COLLECTOR.failed, meta)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -128,11 +129,31 @@ def aggregate(results: Iterable[dict[str, Any]]) -> list[Row]:
     return collector.rows()
 
 
+#: SIMD extensions the frameworks' CPU kernels dispatch on (they change rounding patterns, never a verdict).
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "asimd", "sve")
+
+
+def _cpu() -> str:
+    """The CPU model and its kernel-relevant SIMD extensions (from /proc/cpuinfo where there is one)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = re.search(r"^(?:model name|Model)\s*:\s*(.+)$", text, re.MULTILINE)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.MULTILINE)
+    have = set(flags.group(1).split()) if flags else set()
+    isa = [f for f in _ISA_FLAGS if f in have]
+    return f"{model.group(1).strip() if model else platform.machine()} ({', '.join(isa) or 'no SIMD flags listed'})"
+
+
 def environment() -> dict[str, str]:
-    """Versions of everything that can change a result, without importing any framework."""
+    """Versions of everything that can change a result, and the CPU the kernels ran on (with
+    ``ATEN_CPU_CAPABILITY``, torch's kernel override), without importing any framework."""
     env = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": _cpu(),
+        "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY", "unset"),
         "numpy": np.__version__,
     }
     for name, adapter in REGISTRY.items():
