@@ -132,6 +132,18 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold shard reports into one (exit 2 on unreadable, incompatible or overlapping shards)."""
+    from klparity.compare import CompareError
+    from klparity.merge import run
+
+    try:
+        print(run(args.shards, args.output))
+    except CompareError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
 def cmd_mutate(args: argparse.Namespace) -> int:
     """Run the suite once per mutant (and unmutated under several seeds); 1 if a mutant survived."""
     from klparity import mutants as catalogue
@@ -229,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("after", help="report of the upgraded versions")
     cmp.add_argument("--allow-vanished", action="store_true", help="rows missing from AFTER are notes, not blocking")
     cmp.set_defaults(func=cmd_compare)
+    mrg = sub.add_parser("merge", help="fold the report JSON files of a split run into one verdict matrix")
+    mrg.add_argument("shards", nargs="+", help="the shards' reports (klparity report --json / --klparity-report)")
+    mrg.add_argument("-o", "--output", required=True, help="the merged report to write")
+    mrg.set_defaults(func=cmd_merge)
     gold = sub.add_parser("goldens", help="regenerate or check the mpmath golden files (fixtures/goldens.*)")
     goldens.add_arguments(gold)
     gold.set_defaults(func=goldens.run)

@@ -45,6 +45,7 @@ class Row:
     max_rel: float
     tightness: float
     differences: frozenset[str]
+    cell_ids: frozenset[str] | None = None  #: None in files written before cell ids were recorded
 
     @property
     def label(self) -> str:
@@ -61,6 +62,7 @@ class Report:
     rows: dict[RowKey, Row]
     failed: dict[tuple[str, ...], str]  #: failing check id -> first problem
     packages: dict[str, str] = field(default_factory=dict)  #: distribution -> version (absent in old files)
+    failed_checks: list[dict[str, Any]] = field(default_factory=list)  #: as written
 
 
 def _number(value: Any, where: str) -> float:
@@ -116,17 +118,22 @@ def load_report(path: str | Path) -> Report:
             raise CompareError(f"{w}: 'differences' should be a list")
         if key in rows:
             raise CompareError(f"{w}: duplicate row {' '.join(key)}")
+        ids = r.get("cell_ids")
+        if ids is not None and (not isinstance(ids, list) or len(ids) != int(_number(r.get("cells", -1), w))):
+            raise CompareError(f"{w}: 'cell_ids' should be a list of the row's {r.get('cells')} cells")
         rows[key] = Row(key, int(nums["checks"]), int(nums["failures"]), nums["max_abs"], nums["max_rel"],
-                        nums["tightness"], frozenset(map(str, diffs)))  # fmt: skip
+                        nums["tightness"], frozenset(map(str, diffs)),
+                        None if ids is None else frozenset(map(str, ids)))  # fmt: skip
     failed = {}
-    for i, c in enumerate(_need(doc, "failed_checks", list, where)):
+    failed_checks = _need(doc, "failed_checks", list, where)
+    for i, c in enumerate(failed_checks):
         problems = c.get("problems", []) if isinstance(c, dict) else []
         failed[_check_id(c, f"{where}: failed_checks[{i}]")] = str(problems[0]) if problems else ""
     pkgs = doc.get("packages", {})
     if not isinstance(pkgs, dict):
         raise CompareError(f"{where}: 'packages' should be an object of distribution -> version")
     return Report(where, {str(k): str(v) for k, v in env.items()}, selection, rows, failed,
-                  {str(k): str(v) for k, v in pkgs.items()})  # fmt: skip
+                  {str(k): str(v) for k, v in pkgs.items()}, failed_checks)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -50,6 +50,7 @@ class Row:
         d = {k: getattr(self, k) for k in ("framework", "api", "dtype", "device", "checks", "failures",
                                            "max_abs", "max_rel", "tightness")}  # fmt: skip
         d["cells"] = len(self.cells)
+        d["cell_ids"] = sorted(self.cells)  # what `klparity merge` needs to fold shards exactly
         d["differences"] = sorted(self.differences)
         d["verdict"] = self.verdict
         return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -174,12 +175,21 @@ def packages() -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def write_json(path: str | Path, rows: list[Row], results: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Write the baseline file: environment, selection, matrix rows and per-check failures."""
+def write_json(
+    path: str | Path,
+    rows: list[Row],
+    results: list[dict[str, Any]],
+    meta: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    installed: dict[str, str] | None = None,
+) -> None:
+    """Write the baseline file: environment, installed packages, selection, matrix rows and per-check
+    failures. ``env`` and ``installed`` default to this process's (``klparity merge`` passes the shards')."""
     doc = {
         "schema": SCHEMA,
-        "environment": environment(),
-        "packages": packages(),
+        "environment": environment() if env is None else env,
+        "packages": packages() if installed is None else installed,
         "selection": meta,
         "summary": {
             "checks": sum(r.checks for r in rows),
