@@ -1098,8 +1098,22 @@ def check_signature(fn: LossFn, conv: Convention) -> None:
         sig.bind(*range(len(conv.inputs)))
     except TypeError:
         name = getattr(fn, "__name__", "the loss")
+        hint = "set --inputs to its arguments in order"
+        two = [n for n in conv.inputs if n != "temperature"]
+        if len(two) < len(conv.inputs) and _binds(sig, len(two)):  # a loss with no temperature argument
+            hint += (f"; it takes {len(two)}: for a loss without a temperature argument, give the one it uses, "
+                     f"e.g. --temperature 1 --inputs {','.join(f'{r}_logits' for r in two)}")  # fmt: skip
         raise UsageError(f"{name}{sig} cannot take the {len(conv.inputs)} declared inputs "
-                         f"({','.join(conv.inputs)}); set --inputs to its arguments in order") from None  # fmt: skip
+                         f"({','.join(conv.inputs)}); {hint}") from None
+
+
+def _binds(sig: inspect.Signature, n: int) -> bool:
+    """``sig`` accepts ``n`` positional arguments."""
+    try:
+        sig.bind(*range(n))
+    except TypeError:
+        return False
+    return True
 
 
 def imported_frameworks(path: Path) -> set[str]:

@@ -278,6 +278,7 @@ def test_cli_exit_status_and_output(capsys: pytest.CaptureFixture[str]) -> None:
         ([f"{LOSSES}/missing.py:f"], "file not found"),
         ([f"{TORCH_FILE}:nope"], "has no function 'nope'; it defines batchmean_3d, detached"),
         ([f"{TORCH_FILE}:_rows"], "cannot take the 3 declared inputs"),
+        ([f"{TORCH_FILE}:no_temperature"], "--temperature 1 --inputs student_logits,teacher_logits"),
         ([f"{TORCH_FILE}:distilbert", "--expect", "batchmeen"], "unknown --expect word 'batchmeen'"),
         ([f"{TORCH_FILE}:distilbert", "--inputs", "student,teacher"], "give the temperature the loss uses"),
         ([f"{TORCH_FILE}:distilbert", "--inputs", "student,logits,T"], "unknown input 'logits'"),
@@ -301,3 +302,12 @@ def test_framework_is_inferred_from_imports(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"more than one of \(tensorflow, torch\)"):
         infer_framework(both, None)
     assert infer_framework(both, "torch") == "torch"
+
+
+def test_a_loss_without_temperature_passes_under_temperature_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """The usage error's suggestion works as given (2-argument loss, every shape of the grid)."""
+    pytest.importorskip("torch")
+    code = cli.main(["check", f"{TORCH_FILE}:no_temperature", "--temperature", "1", "--inputs",
+                     "student_logits,teacher_logits"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out

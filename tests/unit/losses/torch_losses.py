@@ -114,3 +114,11 @@ def log_target_without_flag(student_logits: torch.Tensor, teacher_logits: torch.
     log_q = F.log_softmax(_rows(student_logits) / temperature, dim=-1)
     log_p = F.log_softmax(_rows(teacher_logits) / temperature, dim=-1)
     return F.kl_div(log_q, log_p, reduction="batchmean") * temperature**2
+
+
+def no_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """A classifier's distillation loss with no temperature argument (T = 1, as often written for (B, C)
+    logits): KL(teacher ‖ student) averaged over rows. Correct under ``--temperature 1``."""
+    s = F.log_softmax(_rows(student_logits), dim=-1)
+    t = F.log_softmax(_rows(teacher_logits), dim=-1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True)
