@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from klparity.compare import CompareError, Report, load_report
+from klparity.frameworks import REGISTRY
 from klparity.report import Collector, write_json
 
 #: Selection fields that may differ between the shards of one run (they are united).
@@ -61,7 +62,8 @@ def merge(paths: list[str | Path]) -> tuple[Collector, dict[str, object], list[R
         for rep in shards:
             value = rep.selection.get(k, [])
             united.update(dict.fromkeys(value if isinstance(value, list) else [value]))
-        selection[k] = list(united)
+        known = [name for name in REGISTRY if name in united]  # the unsplit run's order: the registry's
+        selection[k] = known + [name for name in united if name not in known]
     return collector, selection, shards
 
 
