@@ -211,6 +211,13 @@ def _row_changes(b: Row, a: Row, out: Comparison) -> bool:
     return changed
 
 
+def _changed(before: dict[str, str], after: dict[str, str]) -> list[tuple[str, str]]:
+    """(key, "old -> new") for every key whose value differs, sorted; a missing key reads "absent"."""
+    keys = sorted(set(before) | set(after))
+    return [(k, f"{before.get(k, 'absent')} -> {after.get(k, 'absent')}") for k in keys
+            if before.get(k, "absent") != after.get(k, "absent")]  # fmt: skip
+
+
 def compare(before: Report, after: Report, *, allow_vanished: bool = False) -> Comparison:
     """Compare two validated reports (raises ``CompareError`` if their selections are incompatible)."""
     for k in _MUST_MATCH:
@@ -219,15 +226,9 @@ def compare(before: Report, after: Report, *, allow_vanished: bool = False) -> C
             raise CompareError(f"incompatible runs: {k} {vb!r} in {before.path} but {va!r} in {after.path}; "
                                "compare runs of one selection")  # fmt: skip
     out = Comparison()
-    for k in sorted(set(before.environment) | set(after.environment)):
-        vb, va = before.environment.get(k, "absent"), after.environment.get(k, "absent")
-        if vb != va:
-            out.environment.append(f"{k}: {vb} -> {va}")
+    out.environment = [f"{k}: {change}" for k, change in _changed(before.environment, after.environment)]
     if before.packages and after.packages:  # files written before packages were recorded have none
-        for k in sorted(set(before.packages) | set(after.packages)):
-            vb, va = before.packages.get(k, "absent"), after.packages.get(k, "absent")
-            if vb != va:
-                out.packages.append(f"{k} {vb} -> {va}")
+        out.packages = [f"{k} {change}" for k, change in _changed(before.packages, after.packages)]
     for k in sorted(set(before.selection) | set(after.selection)):
         if k not in _MUST_MATCH and before.selection.get(k) != after.selection.get(k):
             out.notes.append(f"{'SELECTION':<13} {k}: {before.selection.get(k)} -> {after.selection.get(k)}")

@@ -81,8 +81,8 @@ class TorchAdapter(Adapter):
         metadata drops the label of some builds (the CUDA wheels say 2.14.1)."""
         plain = super().version()
         try:
-            text = Path(str(importlib.metadata.distribution(self.distribution).locate_file("torch/version.py")))
-            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text.read_text(), re.MULTILINE)
+            source = Path(str(importlib.metadata.distribution(self.distribution).locate_file("torch/version.py")))
+            found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", source.read_text(), re.MULTILINE)
         except (importlib.metadata.PackageNotFoundError, OSError):
             return plain
         return found.group(1) if found else plain
