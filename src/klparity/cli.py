@@ -267,7 +267,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="what it returns, a comma list: one reduction of the per-row KL(teacher‖student) -- "
                           "mean (over all rows: B for (B, C), B·S tokens for (B, S, C)), batch (sum / B = "
                           "shape[0], torch 'batchmean'), sum, per-token (no reduction) -- and t2 (times T², "
-                          "Hinton) or no-t2. hinton = mean,t2 (default: %(default)s)")  # fmt: skip
+                          "Hinton) or no-t2 -- and the divergence: forward-kl (KL(teacher‖student), the "
+                          "default), reverse-kl (KL(student‖teacher)) or jsd:BETA (generalized Jensen-Shannon "
+                          "with weight BETA on the teacher, as TRL's GKD: jsd:0 is forward-kl, jsd:1 reverse-kl). "
+                          "hinton = mean,t2 (default: %(default)s)")  # fmt: skip
     chk.add_argument("--masked-vocab", action="store_true",
                      help="the logits can hold -inf (masked classes): NaN there is a failure, not a note")
     chk.add_argument("--temperature", default=None, type=float,

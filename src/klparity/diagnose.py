@@ -36,7 +36,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -107,7 +107,8 @@ class Convention:
     of logits / T, computed by the checker in the framework); ``reduction``: a key of ``REDUCTIONS``;
     ``t2``: the result is multiplied by T² (Hinton); ``masked_vocab``: the logits may hold ``-inf``
     (masked classes), so NaN there is a failure rather than a note; ``temperature``: the fixed T of a
-    loss that does not take one.
+    loss that does not take one; ``formula``: the divergence per row, ``exact`` (KL(teacher‖student)),
+    ``swapped`` (the reverse KL(student‖teacher)) or ``jsd:BETA`` (generalized Jensen–Shannon, TRL GKD).
     """
 
     inputs: tuple[str, ...] = ("student", "teacher", "temperature")
@@ -116,6 +117,7 @@ class Convention:
     t2: bool = True
     masked_vocab: bool = False
     temperature: float | None = None
+    formula: str = "exact"
 
     def __post_init__(self) -> None:
         roles = sorted(self.inputs)
@@ -133,13 +135,17 @@ class Convention:
                 oracle.check_temperature(self.temperature)
             except ValueError as e:
                 raise UsageError(str(e)) from None
+        beta = jsd_beta(self.formula)
+        if self.formula not in DECLARABLE and not (beta is not None and 0.0 < beta < 1.0):
+            raise UsageError(f"the declared formula must be forward KL, reverse KL or jsd:BETA with 0 < BETA < 1; "
+                             f"got {self.formula!r}")  # fmt: skip
 
     @classmethod
     def parse(cls, inputs: str = DEFAULT_INPUTS, takes: str = "logits", expect: str = DEFAULT_EXPECT,
               masked_vocab: bool = False, temperature: float | None = None) -> Convention:  # fmt: skip
         """From the command-line strings: ``inputs`` and ``expect`` are comma lists (see the CLI help)."""
         roles = tuple(_role(n) for n in inputs.split(",") if n.strip())
-        reduction, t2 = "mean", True
+        reduction, t2, formula = "mean", True, "exact"
         for word in (w.strip().lower() for w in expect.split(",") if w.strip()):
             if word == "hinton":
                 reduction, t2 = "mean", True
@@ -147,16 +153,32 @@ class Convention:
                 reduction = word
             elif word in ("t2", "no-t2"):
                 t2 = word == "t2"
+            elif word in ("forward-kl", "reverse-kl"):
+                formula = "exact" if word == "forward-kl" else "swapped"
+            elif word.startswith("jsd:"):
+                formula = _parse_jsd(word)
             else:
-                raise UsageError(f"unknown --expect word {word!r}; use hinton, {', '.join(REDUCTIONS)}, t2, no-t2")
-        return cls(roles, takes.strip().lower().replace("-", "_"), reduction, t2, masked_vocab, temperature)
+                raise UsageError(f"unknown --expect word {word!r}; use hinton, {', '.join(REDUCTIONS)}, t2, no-t2, "
+                                 "forward-kl, reverse-kl, jsd:BETA")  # fmt: skip
+        return cls(roles, takes.strip().lower().replace("-", "_"), reduction, t2, masked_vocab, temperature, formula)
 
     def describe(self) -> str:
         """The expected value in words."""
         scale = "T² · " if self.t2 else ""
         red = {"mean": "mean over rows", "batch": "sum over rows / B", "sum": "sum over rows",
                "per-token": "per-row"}[self.reduction]  # fmt: skip
-        return f"{scale}{red} KL(teacher‖student)"
+        return f"{scale}{red} {formula_words(self.formula)}"
+
+
+def _parse_jsd(word: str) -> str:
+    """``jsd:BETA`` -> the formula name; BETA 0 is the forward KL and 1 the reverse KL (as in TRL)."""
+    try:
+        beta = float(word.removeprefix("jsd:"))
+    except ValueError:
+        raise UsageError(f"--expect {word!r}: BETA of jsd:BETA must be a number in [0, 1]") from None
+    if not 0.0 <= beta <= 1.0:
+        raise UsageError(f"--expect {word!r}: BETA of jsd:BETA must be in [0, 1] (the teacher's weight in the mixture)")
+    return "exact" if beta == 0.0 else "swapped" if beta == 1.0 else jsd_name(beta)
 
 
 # --------------------------------------------------------------------------------- the case grid
@@ -357,16 +379,23 @@ class Factor:
     text: str  #: what it means, in words
 
 
-#: Formulas: per-row quantities a loss can compute instead of KL(p‖q) (``exact`` is correct).
+#: Formulas: per-row quantities a loss can compute instead of the declared one (by default ``exact``,
+#: KL(teacher‖student); ``--expect reverse-kl`` declares ``swapped``, ``--expect jsd:BETA`` a ``jsd:BETA``).
+#: ``bug`` is the name when the formula is found where another was declared.
 FORMULAS: Final[dict[str, Factor]] = {f.name: f for f in (
-    Factor("exact", "", "KL(teacher‖student)"),
-    Factor("swapped", "swapped-arguments", "arguments swapped: the value is KL(student‖teacher), not "
-           "KL(teacher‖student) (torch: kl_div(input=log teacher, target=student); Keras: y_true and y_pred "
-           "exchanged)"),
+    Factor("exact", "forward-kl", "the value is the forward KL(teacher‖student), not the declared divergence"),
+    Factor("swapped", "reverse-kl", "the value is the reverse KL(student‖teacher), not KL(teacher‖student): "
+           "teacher and student exchanged (torch: kl_div(input=log teacher, target=student); Keras: y_true and "
+           "y_pred exchanged), or reverse KL on purpose (declare it with --expect reverse-kl)"),
+    Factor("cross-entropy", "cross-entropy-not-kl", "the value is the cross-entropy H(teacher, student) = "
+           "KL(teacher‖student) + H(teacher): off by the teacher's entropy (times the temperature factor), "
+           "which has no gradient in the student, so the gradient is right (F.cross_entropy with soft "
+           "targets, categorical_crossentropy, optax.softmax_cross_entropy)"),
     Factor("probs-input", "probs-as-log-probs", "probabilities passed where log-probabilities are expected: "
            "kl_div(softmax(s/T), softmax(t/T)) computes Σ p log p − Σ p·q"),
     Factor("log-target", "log-probs-as-target", "log-probabilities passed as torch's target without "
-           "log_target=True: xlogy of a negative number is NaN"),
+           "log_target=True, or the two arguments of kl_div(log q, p) exchanged (kl_div(p, log q)): xlogy of "
+           "a negative number is NaN (the two are NaN alike on every run)"),
     Factor("log-probs-clipped", "log-probs-as-probs", "log-probabilities passed to a loss that takes "
            "probabilities (Keras KLDivergence): every value is clipped to 1e-7 and the loss is 0"),
     Factor("logits-clipped", "logits-as-probs", "logits / T passed to a loss that takes probabilities "
@@ -377,6 +406,44 @@ FORMULAS: Final[dict[str, Factor]] = {f.name: f for f in (
            "KL(softmax(t/T) ‖ softmax(s))"),
     Factor("no-T", "temperature-ignored", "temperature applied to neither softmax: KL(softmax(t) ‖ softmax(s))"),
 )}  # fmt: skip
+#: Formulas the convention may declare (``--expect``): the forward KL, the reverse KL and a ``jsd:BETA``.
+DECLARABLE: Final = ("exact", "swapped")
+
+
+def jsd_beta(formula: str) -> float | None:
+    """The beta of a ``jsd:BETA`` formula name, None for any other formula."""
+    return float(formula.removeprefix("jsd:")) if formula.startswith("jsd:") else None
+
+
+def jsd_name(beta: float, digits: int = 10) -> str:
+    """The formula name of the generalized JSD with weight ``beta`` on the teacher."""
+    return f"jsd:{beta:.{digits}g}"
+
+
+def formula_words(formula: str) -> str:
+    """What a formula computes, in words (for the declared one, and the report)."""
+    beta = jsd_beta(formula)
+    if beta is not None:
+        return (f"generalized JSD with beta {beta:.6g}: β·KL(teacher‖m) + (1−β)·KL(student‖m), "
+                "m = β·teacher + (1−β)·student")  # fmt: skip
+    return {"exact": "KL(teacher‖student)", "swapped": "KL(student‖teacher)"}.get(formula, FORMULAS[formula].text)
+
+
+def _formula_factor(expected: str, actual: str) -> Factor:
+    """The formula factor of a hypothesis: no bug when it is the declared formula."""
+    if actual == expected:
+        return Factor(actual, "", formula_words(actual))
+    beta = jsd_beta(actual)
+    if beta is not None:
+        return Factor(actual, "jsd", f"the value is the {formula_words(actual)} (TRL GKD's generalized_jsd_loss), "
+                      f"not the declared {formula_words(expected)}")  # fmt: skip
+    f = FORMULAS[actual]
+    if expected != "exact" and actual in DECLARABLE:
+        return Factor(actual, f.bug, f"the value is {formula_words(actual)}, not the declared "
+                      f"{formula_words(expected)}")  # fmt: skip
+    return f
+
+
 #: Formulas that are probability-space KLs, with a clipped variant for Keras (``Hypothesis.clipped``;
 #: Keras's own clipping of the exact formula, ``keras.clip_epsilon``, counts as correct).
 _CLIPPABLE: Final = ("exact", "swapped", "student-T", "teacher-T", "no-T")
@@ -407,7 +474,17 @@ _REDUCTION_BUGS: Final = {
 }
 
 
+def fixed_divisor(reduction: str) -> float | None:
+    """The constant of a ``fixed:D`` reduction (the sum divided by D whatever the shape), else None."""
+    return float(reduction.removeprefix("fixed:")) if reduction.startswith("fixed:") else None
+
+
 def _reduction_factor(expected: str, actual: str) -> Factor:
+    d = fixed_divisor(actual)
+    if d is not None:
+        return Factor(actual, "fixed-divisor", f"divides the sum over rows by the constant {d:.10g} whatever the "
+                      f"shape, not by {REDUCTIONS[expected]}: a hard-coded batch size or sequence length, right "
+                      f"only for inputs with exactly that many rows")  # fmt: skip
     if actual == expected:
         return Factor(actual, "", REDUCTIONS[actual])
     if expected == "per-token":
@@ -444,15 +521,19 @@ _POWERS: Final = (2, 0, 1, 4)
 class Hypothesis:
     """A combination of one value per factor: what the loss computes."""
 
-    formula: str
+    form: Factor  #: the formula (``form.name``, a key of ``FORMULAS`` or ``jsd:BETA``)
     clipped: bool
     reduction: Factor
     scale: Factor
     overlay: str
 
+    @property
+    def formula(self) -> str:
+        return self.form.name
+
     def bugs(self) -> list[Factor]:
         """The factors that are bugs, formula first."""
-        parts = [FORMULAS[self.formula], self.reduction, self.scale, OVERLAYS[self.overlay]]
+        parts = [self.form, self.reduction, self.scale, OVERLAYS[self.overlay]]
         return [f for f in parts if f.bug]
 
     @property
@@ -464,16 +545,32 @@ class Hypothesis:
         return int(self.scale.name.removeprefix("T^"))
 
 
-def hypotheses(conv: Convention, framework: str) -> list[Hypothesis]:
-    """Every combination, the correct one first, then by number of bugs."""
+@dataclass(frozen=True)
+class Fitted:
+    """A hypothesis with a parameter fitted on one run (a JSD's beta, a constant divisor): its formula,
+    reduction and power of T; every overlay is tried with it, and every run must agree."""
+
+    formula: str
+    reduction: str
+    power: int
+
+
+def hypotheses(conv: Convention, framework: str, fitted: Sequence[Fitted] = ()) -> list[Hypothesis]:
+    """Every combination of the catalogue, then the fitted ones; the correct one first, then by number of bugs."""
     expected_power = 2 if conv.t2 else 0
     formulas = [(f, False) for f in FORMULAS]
+    if jsd_beta(conv.formula) is not None:
+        formulas.append((conv.formula, False))
     if framework == "tensorflow":
         formulas += [(f, True) for f in _CLIPPABLE]
+    combos = [(f, clipped, r, k) for (f, clipped), r, k in itertools.product(formulas, _REDUCTION_BUGS, _POWERS)]
+    combos += [(f.formula, clipped, f.reduction, f.power) for f in fitted for clipped in (False, True)
+               if not clipped or (framework == "tensorflow" and f.formula in _CLIPPABLE)]
     out = [
-        Hypothesis(f, clipped, _reduction_factor(conv.reduction, r), _scale_factor(expected_power, k), o)
-        for (f, clipped), r, k, o in itertools.product(formulas, _REDUCTION_BUGS, _POWERS, OVERLAYS)
-    ]
+        Hypothesis(_formula_factor(conv.formula, f), clipped, _reduction_factor(conv.reduction, r),
+                   _scale_factor(expected_power, k), o)
+        for (f, clipped, r, k), o in itertools.product(dict.fromkeys(combos), OVERLAYS)
+    ]  # fmt: skip
     return sorted(out, key=lambda h: (len(h.bugs()), h.clipped))
 
 
@@ -538,8 +635,13 @@ class _Prepared:
                 lp, lq, zt, zs = lq, lp, zs, zt
             return self._kl(lp, lq, zt, zs, clipped)
         exact_budget = self.rows("exact", False)[1]
+        beta = jsd_beta(formula)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            if formula == "probs-input":
+            if beta is not None:
+                return self._jsd(beta, exact_budget)
+            if formula == "cross-entropy":  # H(p, q) = KL(p‖q) + H(p); NaN rows stay NaN through KL
+                rows = ex.rows + np.sum(np.where(ex.p > 0, -ex.p * ex.lp, 0.0), axis=-1)
+            elif formula == "probs-input":
                 rows = np.sum(oracle.torch_pointwise(ex.q, ex.p), axis=-1)
             elif formula == "log-target":
                 rows = np.sum(oracle.torch_pointwise(ex.lq, ex.lp), axis=-1)
@@ -549,12 +651,29 @@ class _Prepared:
                 rows = oracle.keras_kl_divergence(ex.zt, ex.zs, reduction=None, epsilon=self.eps)
             else:
                 raise ValueError(f"unknown formula {formula!r}")
-        # each summand of these is bounded by the exact formula's e_j (p|log p|, p q <= p), so its
-        # error budget bounds theirs too
+        # each summand of these is bounded by the exact formula's e_j (p|log p|, p|log q|, p q <= p), so
+        # its error budget bounds theirs too
         return np.asarray(rows, np.float64), exact_budget
 
+    def _jsd(self, beta: float, exact_budget: Budget) -> tuple[F64, Budget]:
+        """β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q, as TRL computes it (log m by logsumexp).
 
-def _divisor(reduction: str, shape: tuple[int, ...]) -> int:
+        Its summands are p|log p − log m| and q|log q − log m| with |log m| <= max(|log p|, |log q|):
+        the forward KL's budget covers the first, the reverse KL's (``swapped``) the second.
+        """
+        ex = self.ex
+        lm = np.logaddexp(math.log(beta) + ex.lp, math.log1p(-beta) + ex.lq)
+        rows = beta * oracle.kl_from_log_probs(ex.lp, lm) + (1.0 - beta) * oracle.kl_from_log_probs(ex.lq, lm)
+        rev = self.rows("swapped", False)[1]
+        both = replace(exact_budget, elem_scale=np.asarray(exact_budget.elem_scale + rev.elem_scale, np.float64),
+                       floor=np.asarray(exact_budget.floor + rev.floor, np.float64))  # fmt: skip
+        return np.asarray(rows, np.float64), both
+
+
+def _divisor(reduction: str, shape: tuple[int, ...]) -> float:
+    fixed = fixed_divisor(reduction)
+    if fixed is not None:
+        return fixed
     rows = math.prod(shape[:-1])
     return {"mean": rows, "batch": shape[0], "sum": 1, "elements": math.prod(shape), "per-token": 1}[reduction]
 
@@ -635,8 +754,16 @@ def _grad_model(formula: str, prep: _Prepared, clipped: bool) -> tuple[F64, Call
             framework=prep.framework, input_dtype=prep.obs.dtype, compute_dtype=prep.compute, temperature=t_div,
             weight=p, p=p, q=q, h=h, zt=zt, zs=zs, log_p=lp, log_q=lq, student_is_probability=False))
 
-    if formula == "exact":
+    if formula in ("exact", "cross-entropy"):  # H(teacher) does not depend on the student
         return exact_student_grad(ex.teacher, ex.student, temp), gb(ex.lp, ex.lq, ex.zt, ex.zs, temp).student
+    beta = jsd_beta(formula)
+    if beta is not None:  # d JSD / d q_j = (1 − β) log(q_j / m_j), through the softmax of s / T
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            lm = np.logaddexp(math.log(beta) + ex.lp, math.log1p(-beta) + ex.lq)
+            g = np.where(ex.q > 0, (1.0 - beta) * (ex.lq - lm), 0.0)
+            grad = ex.q * (g - np.sum(ex.q * g, axis=-1, keepdims=True)) / temp
+        fwd, rev = gb(ex.lp, ex.lq, ex.zt, ex.zs, temp).student, gb(ex.lq, ex.lp, ex.zs, ex.zt, temp).teacher
+        return np.asarray(grad, np.float64), lambda scale: np.asarray(fwd(scale) + rev(scale), np.float64)
     if formula in _ONE_SIDED:
         lp, lq, zt, zs, ts = _formula_logs(formula, ex)
         return np.asarray((np.exp(lq) - np.exp(lp)) / ts, np.float64), gb(lp, lq, zt, zs, ts).student
@@ -879,12 +1006,13 @@ def _ratio_text(obs: F64 | None, ref: F64 | None) -> str:
 
 
 def _expected(conv: Convention, framework: str) -> list[Hypothesis]:
-    """The correct hypotheses: exact, and for TensorFlow also Keras's clipped formula."""
+    """The correct hypotheses: the declared formula, and for TensorFlow also Keras's clipped version of it."""
     power = 2 if conv.t2 else 0
     red, scale = _reduction_factor(conv.reduction, conv.reduction), _scale_factor(power, power)
-    out = [Hypothesis("exact", False, red, scale, "none")]
-    if framework == "tensorflow":
-        out.append(Hypothesis("exact", True, out[0].reduction, out[0].scale, "none"))
+    form = _formula_factor(conv.formula, conv.formula)
+    out = [Hypothesis(form, False, red, scale, "none")]
+    if framework == "tensorflow" and conv.formula in _CLIPPABLE:
+        out.append(Hypothesis(form, True, red, scale, "none"))
     return out
 
 
@@ -933,7 +1061,7 @@ def diagnose(preps: list[_Prepared], conv: Convention, framework: str) -> Diagno
     def rank(h: Hypothesis) -> tuple[int, int, bool]:
         return len(_judged(h, conv)), len(h.bugs()), h.clipped
 
-    cands = sorted(hypotheses(conv, framework), key=rank)
+    cands = sorted(hypotheses(conv, framework, fit_parameters(valid, conv)), key=rank)
     full = [h for h in cands if all(matches(p.obs.value, predict(h, p)) for p in valid)]
     if full:
         best, explained, unexplained = [h for h in full if rank(h)[:2] == rank(full[0])[:2]], len(valid), []
@@ -950,6 +1078,61 @@ def diagnose(preps: list[_Prepared], conv: Convention, framework: str) -> Diagno
     alternatives = [h for h in best[1:] if h.clipped == chosen.clipped]
     return Diagnosis(judged, excused, explained, len(valid), unexplained, alternatives,
                      _evidence(chosen, valid, conv, framework), _grad_note(chosen, valid))  # fmt: skip
+
+
+#: The standard divisors and powers of T a fitted parameter is combined with.
+_FIT_REDUCTIONS: Final = ("mean", "batch", "sum", "elements")
+#: Where a JSD's beta is searched: a grid on (0, 1), refined between sign changes by Brent's method.
+_BETA_GRID: Final = np.linspace(0.0, 1.0, 201)[1:-1]
+
+
+def _fit_runs(preps: list[_Prepared]) -> list[_Prepared]:
+    """Runs a parameter is fitted on: float64, finite nonzero value, no masked class or NaN logit; (B, S, C) first
+    (there B, B·S and C differ)."""
+    runs = [p for p in preps if p.obs.dtype == "float64" and p.obs.value is not None and not has_masked_classes(
+        p.obs.case) and not np.isnan(p.ex.rows).any() and np.all(np.isfinite(p.obs.value)) and np.all(p.obs.value)]
+    return sorted(runs, key=lambda p: (p.compute != "float64", -len(p.shape)))
+
+
+def fit_parameters(preps: list[_Prepared], conv: Convention) -> list[Fitted]:
+    """Hypotheses with a parameter solved for on one run: the constant D a sum over rows is divided by (of the
+    declared formula and the forward KL), and the beta of a generalized JSD, for each power of T (and each
+    standard reduction, for beta). ``diagnose`` keeps those that reproduce every run."""
+    runs = _fit_runs(preps)
+    if not runs:
+        return []
+    p = runs[0]
+    value, temp = np.asarray(p.obs.value, np.float64), p.ex.temperature
+    out: list[Fitted] = []
+    if value.ndim == 0:
+        standard = {_divisor(r, p.shape) for r in _FIT_REDUCTIONS}
+        for formula, k in itertools.product(dict.fromkeys((conv.formula, "exact")), _POWERS):
+            d = float(np.sum(p.rows(formula, False)[0]) * temp**k / value)
+            if math.isfinite(d) and d > 0 and all(abs(d - s) > 1e-6 * s for s in standard):
+                # the round candidates first (a run computed in float32 fits D to ~1e-7): every run decides
+                for c in dict.fromkeys((float(round(d)) or d, float(f"{d:.6g}"), d)):
+                    out.append(Fitted(formula, f"fixed:{c:.17g}", k))
+    reductions = _FIT_REDUCTIONS if value.ndim == 0 else ("per-token",)
+    sums = np.array([np.sum(p.rows(jsd_name(b), False)[0]) for b in _BETA_GRID])
+    for r, k in itertools.product(reductions, _POWERS):
+        target = float(np.sum(value)) * _divisor(r, p.shape) / temp**k
+        def gap(b: float, target: float = target) -> float:
+            return float(np.sum(p.rows(jsd_name(b), False)[0])) - target
+
+        for beta in _roots(gap, sums - target):
+            out += [Fitted(jsd_name(round(beta, 2), 2), r, k), Fitted(jsd_name(beta), r, k)]
+    return out
+
+
+def _roots(f: Callable[[float], float], on_grid: F64) -> list[float]:
+    """The roots of ``f`` on (0, 1) between sign changes of its values on ``_BETA_GRID``."""
+    from scipy.optimize import brentq
+
+    out = []
+    for i in np.flatnonzero(np.sign(on_grid[:-1]) * np.sign(on_grid[1:]) <= 0):
+        a, b = float(_BETA_GRID[i]), float(_BETA_GRID[i + 1])
+        out.append(a if on_grid[i] == 0 else float(brentq(f, a, b, xtol=1e-14)))
+    return out
 
 
 def _touches_nan_rows(h: Hypothesis, p: _Prepared) -> bool:
@@ -990,11 +1173,19 @@ def _grad_note(h: Hypothesis, preps: list[_Prepared]) -> str:
     return f"as predicted by this diagnosis in {'all ' if agree == len(runs) else ''}{agree} of {len(runs)} runs"
 
 
+def _zero_where_nonzero(p: _Prepared) -> bool:
+    """The gradient is exactly 0 where the exact one is finite and not 0 (JAX gives zeros, not None, through
+    a stop_gradient)."""
+    g, ref = p.obs.grad, exact_student_grad(p.ex.teacher, p.ex.student, p.ex.temperature)
+    live = np.isfinite(ref) & (ref != 0)
+    return g is not None and bool(live.any()) and bool(np.all(g[live] == 0))
+
+
 def _gradient_only(preps: list[_Prepared], correct: Hypothesis) -> Diagnosis:
     """The value is right but the gradient is not: detached, NaN on masked classes, scaled, or otherwise."""
     checks = [check_grad(correct, p) for p in preps]
     evidence = [f"{p.obs.label}: gradient error/tolerance {c.worst:.3g}" for p, c in zip(preps, checks, strict=True)]
-    if any(p.obs.grad is None for p in preps):
+    if any(p.obs.grad is None or _zero_where_nonzero(p) for p in preps):
         bug = Factor("gradient", "no-gradient", "no gradient reaches the student logits: they are detached "
                      "(.detach(), torch.no_grad, tf.stop_gradient, jax.lax.stop_gradient) before the loss")  # fmt: skip
         return Diagnosis([bug], [], len(preps), len(preps), evidence=evidence[:3])

@@ -35,6 +35,7 @@ from klparity.testing import assert_distillation_loss, check_distillation_loss
 LOSSES = Path(__file__).parent / "losses"
 TORCH_FILE = LOSSES / "torch_losses.py"
 KERAS_FILE = LOSSES / "keras_losses.py"
+JAX_FILE = LOSSES / "jax_losses.py"
 
 
 def _fn(path: Path, name: str) -> Callable[..., Any]:
@@ -65,7 +66,10 @@ def keras_available() -> None:
 
 TORCH_BUGS = [
     ("reduction_mean", "mean-over-elements"),
-    ("swapped", "swapped-arguments"),
+    ("swapped", "reverse-kl"),
+    ("reverse_kl", "reverse-kl"),
+    ("cross_entropy", "cross-entropy-not-kl"),
+    ("fixed_seq_len", "fixed-divisor"),
     ("probs_as_log_probs", "probs-as-log-probs"),
     ("log_target_without_flag", "log-probs-as-target"),
     ("student_temperature_only", "student-temperature-only"),
@@ -117,7 +121,7 @@ def test_torch_mean_reduction_evidence_names_the_factor_and_the_warning() -> Non
 
 KERAS_BUGS = [
     ("mean_over_elements", "mean-over-elements"),
-    ("swapped", "swapped-arguments"),
+    ("swapped", "reverse-kl"),
     ("probs_as_log_probs", "probs-as-log-probs"),
     ("student_temperature_only", "student-temperature-only"),
     ("teacher_temperature_only", "teacher-temperature-only"),
@@ -126,6 +130,8 @@ KERAS_BUGS = [
     ("sum_over_batch_3d", "divides-by-B"),
     ("log_probs_as_probs", "log-probs-as-probs"),
     ("logits_as_probs", "logits-as-probs"),
+    ("cross_entropy", "cross-entropy-not-kl"),
+    ("fixed_batch_size", "fixed-divisor"),
 ]
 
 
@@ -151,6 +157,13 @@ def test_keras_bug_is_named(name: str, bug: str) -> None:
     assert not report.ok
     assert _bugs(report) == [bug], report.text()
     assert report.diagnosis is not None and report.diagnosis.complete, report.text()
+
+
+@pytest.mark.usefixtures("keras_available")
+def test_keras_two_bugs_are_named_together() -> None:
+    report = _check(KERAS_FILE, "mean_over_elements_t2_forgotten", "tensorflow")
+    assert _bugs(report) == ["mean-over-elements", "t2-forgotten"], report.text()
+    assert "gradient: as predicted by this diagnosis in all" in report.text()
 
 
 @pytest.mark.usefixtures("keras_available")
@@ -193,9 +206,62 @@ def test_every_single_bug_differs_from_the_correct_loss_on_the_grid() -> None:
     correct = _expected(conv, "torch")[0]
     assert all(matches(p.obs.value, predict(correct, p)) for p in preps)
     singles = [h for h in hypotheses(conv, "torch") if len(h.bugs()) == 1]
-    assert len(singles) == 8 + 4 + 3 + 3  # formulas, reductions, temperature factors, NaN behaviours
+    assert len(singles) == 9 + 4 + 3 + 3  # formulas, reductions, temperature factors, NaN behaviours
     for h in singles:
         assert not all(matches(p.obs.value, predict(h, p)) for p in preps), h.names
+
+
+@pytest.mark.usefixtures("torch_available")
+def test_cross_entropy_is_named_with_a_right_gradient() -> None:
+    text = _check(TORCH_FILE, "cross_entropy", "torch").text()
+    assert "diagnosis: cross-entropy-not-kl" in text
+    assert "gradient: as predicted by this diagnosis in all" in text  # H(teacher) has no student gradient
+
+
+@pytest.mark.usefixtures("torch_available")
+def test_fixed_divisor_names_the_constant() -> None:
+    report = _check(TORCH_FILE, "fixed_seq_len", "torch")
+    assert _bugs(report) == ["fixed-divisor"], report.text()
+    assert "divides the sum over rows by the constant 128 whatever the shape" in report.text()
+
+
+@pytest.mark.usefixtures("torch_available")
+def test_two_bugs_are_named_together() -> None:
+    report = _check(TORCH_FILE, "mean_and_t2_forgotten", "torch")
+    assert _bugs(report) == ["mean-over-elements", "t2-forgotten"], report.text()
+    assert report.diagnosis is not None and report.diagnosis.complete
+    assert "diagnosis: mean-over-elements + t2-forgotten" in report.text()
+
+
+@pytest.mark.usefixtures("torch_available")
+def test_generalized_jsd_is_named_with_its_beta() -> None:
+    report = _check(TORCH_FILE, "jsd_beta_03", "torch")
+    assert _bugs(report) == ["jsd"], report.text()
+    assert "generalized JSD with beta 0.3:" in report.text()
+    assert "gradient: as predicted by this diagnosis in all" in report.text()
+    gkd = _check(TORCH_FILE, "generalized_jsd", "torch")  # TRL's: no T² factor
+    assert _bugs(gkd) == ["jsd", "t2-forgotten"], gkd.text()
+    assert "generalized JSD with beta 0.5:" in gkd.text()
+
+
+@pytest.mark.usefixtures("torch_available")
+def test_declared_reverse_kl_and_jsd() -> None:
+    reverse = Convention.parse(expect="hinton,reverse-kl")
+    assert check_loss(_fn(TORCH_FILE, "reverse_kl"), "torch", reverse).ok
+    assert check_loss(_fn(TORCH_FILE, "swapped"), "torch", reverse).ok  # the same numbers
+    forward = check_loss(_fn(TORCH_FILE, "distilbert"), "torch", reverse)
+    assert _bugs(forward) == ["forward-kl"], forward.text()
+    assert "expects T² · mean over rows KL(student‖teacher)" in forward.text()
+
+    gkd = Convention.parse(expect="mean,no-t2,jsd:0.5")
+    report = check_loss(_fn(TORCH_FILE, "generalized_jsd"), "torch", gkd)
+    assert report.ok, report.text()
+    assert _bugs(check_loss(_fn(TORCH_FILE, "generalized_jsd"), "torch", Convention.parse(expect="no-t2,jsd:0.7"))
+                 ) == ["jsd"]  # fmt: skip
+    assert _bugs(check_loss(_fn(TORCH_FILE, "distilbert"), "torch", Convention.parse(expect="no-t2,jsd:0.5"))
+                 ) == ["forward-kl", "t2-applied"]  # fmt: skip
+    # TRL's beta 0 is the forward KL and beta 1 the reverse KL
+    assert Convention.parse(expect="jsd:0").formula == "exact" and Convention.parse(expect="jsd:1").formula == "swapped"
 
 
 # ------------------------------------------------------------------------------ conventions
@@ -236,28 +302,48 @@ def test_declared_conventions_are_honoured() -> None:
 def test_pytest_helper_and_fixture(klparity_check_loss: Callable[..., LossReport]) -> None:
     distilbert, swapped = _fn(TORCH_FILE, "distilbert"), _fn(TORCH_FILE, "swapped")
     assert assert_distillation_loss(distilbert).ok  # the framework comes from the file's imports
-    with pytest.raises(AssertionError, match="diagnosis: swapped-arguments"):
+    with pytest.raises(AssertionError, match="diagnosis: reverse-kl"):
         assert_distillation_loss(swapped)
     assert klparity_check_loss(distilbert, dtypes=("float32",), ndims=(2,)).ok
     with pytest.raises(AssertionError, match="t2-applied-twice"):
         klparity_check_loss(_fn(TORCH_FILE, "t2_twice"), dtypes=("float32",), ndims=(2,))
     report = check_distillation_loss(swapped, framework="torch", dtypes=("float64",), ndims=(3,))
-    assert report.bug_names == ["swapped-arguments"]  # NaN on masked classes: noted, not judged
-    assert report.diagnosis is not None and report.diagnosis.names == ["swapped-arguments", "nan-masked-vocab"]
+    assert report.bug_names == ["reverse-kl"]  # NaN on masked classes: noted, not judged
+    assert report.diagnosis is not None and report.diagnosis.names == ["reverse-kl", "nan-masked-vocab"]
 
 
-def test_jax_optax_loss_passes() -> None:
+@pytest.fixture(scope="module")
+def jax_available() -> None:
     pytest.importorskip("jax")
-    optax = pytest.importorskip("optax")
-    import jax
+    pytest.importorskip("optax")
 
-    def optax_loss(s: Any, t: Any, temp: float) -> Any:
-        rows = optax.losses.kl_divergence(jax.nn.log_softmax(s / temp), jax.nn.softmax(t / temp))
-        return rows.mean() * temp**2
 
-    report = check_loss(optax_loss, "jax")
+@pytest.mark.usefixtures("jax_available")
+@pytest.mark.parametrize("name", ["optax_kl", "log_targets"])
+def test_jax_optax_loss_passes(name: str) -> None:
+    report = _check(JAX_FILE, name, "jax")
     assert report.ok, report.text()
-    assert any("nan-masked-vocab" in n for n in report.notes)  # optax: 0 * -inf on a masked class
+    assert len(report.verdicts) == 20 and all(v.obs.grad is not None for v in report.verdicts)
+    assert any(n.startswith("on logits with masked (-inf) classes: nan-") for n in report.notes)  # 0 · -inf
+
+
+JAX_BUGS = [
+    ("swapped", ["reverse-kl"]),
+    ("mean_over_elements", ["mean-over-elements"]),
+    ("t2_forgotten", ["t2-forgotten"]),
+    ("cross_entropy", ["cross-entropy-not-kl"]),
+    ("batch_divisor_3d", ["divides-by-B"]),
+    ("stop_gradient", ["no-gradient"]),
+]
+
+
+@pytest.mark.usefixtures("jax_available")
+@pytest.mark.parametrize("name,bugs", JAX_BUGS)
+def test_jax_bug_is_named(name: str, bugs: list[str]) -> None:
+    report = _check(JAX_FILE, name, "jax")
+    assert not report.ok
+    assert _bugs(report) == bugs, report.text()
+    assert report.diagnosis is not None and report.diagnosis.complete, report.text()
 
 
 # ------------------------------------------------------------------------------- the command
@@ -276,7 +362,7 @@ def test_cli_exit_status_and_output(capsys: pytest.CaptureFixture[str]) -> None:
     "args,message",
     [
         ([f"{LOSSES}/missing.py:f"], "file not found"),
-        ([f"{TORCH_FILE}:nope"], "has no function 'nope'; it defines batchmean_3d, detached"),
+        ([f"{TORCH_FILE}:nope"], "has no function 'nope'; it defines batchmean_3d, cross_entropy"),
         ([f"{TORCH_FILE}:_rows"], "cannot take the 3 declared inputs"),
         ([f"{TORCH_FILE}:no_temperature"], "--temperature 1 --inputs student_logits,teacher_logits"),
         ([f"{TORCH_FILE}:distilbert", "--expect", "batchmeen"], "unknown --expect word 'batchmeen'"),

@@ -114,3 +114,23 @@ def log_probs_as_probs(student_logits: Any, teacher_logits: Any, temperature: fl
 def logits_as_probs(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
     """Bug: the softmax is missing; KLDivergence clips the scaled logits to [1e-7, 1]."""
     return keras.losses.KLDivergence()(teacher_logits / temperature, student_logits / temperature) * temperature**2
+
+
+def cross_entropy(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """Bug: soft-target cross-entropy (from the student's logits) instead of KL: off by T² · H(teacher)."""
+    p = ops.softmax(teacher_logits / temperature, axis=-1)
+    return ops.mean(keras.losses.categorical_crossentropy(p, student_logits / temperature, from_logits=True)) \
+        * temperature**2  # fmt: skip
+
+
+def fixed_batch_size(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """Bug: the summed KL divided by the configured batch size, 32, not by the rows it was given."""
+    batch_size = 32
+    p = ops.softmax(teacher_logits / temperature, axis=-1)
+    q = ops.softmax(student_logits / temperature, axis=-1)
+    return keras.losses.KLDivergence(reduction="sum")(p, q) / batch_size * temperature**2
+
+
+def mean_over_elements_t2_forgotten(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
+    """Two bugs: ops.mean over every element (C times too small) and no T² factor."""
+    return mean_over_elements(student_logits, teacher_logits, temperature) / temperature**2

@@ -122,3 +122,59 @@ def no_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
     s = F.log_softmax(_rows(student_logits), dim=-1)
     t = F.log_softmax(_rows(teacher_logits), dim=-1)
     return F.kl_div(s, t, reduction="batchmean", log_target=True)
+
+
+def cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Bug: cross-entropy with soft targets instead of KL: off by T² · H(teacher), gradient right."""
+    p = F.softmax(_rows(teacher_logits) / temperature, dim=-1)
+    return F.cross_entropy(_rows(student_logits) / temperature, p) * temperature**2
+
+
+def fixed_seq_len(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Bug: the sum over tokens divided by a hard-coded max_seq_len of 128."""
+    max_seq_len = 128
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="sum") / max_seq_len * temperature**2
+
+
+def mean_and_t2_forgotten(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                          temperature: float) -> torch.Tensor:  # fmt: skip
+    """Two bugs: reduction='mean' (divides by every element) and no T² factor."""
+    log_q = F.log_softmax(student_logits / temperature, dim=-1)
+    p = F.softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_q, p, reduction="mean")
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Reverse KL(student‖teacher) on purpose (mode-seeking distillation, MiniLLM-style), per token, with T².
+
+    Correct under ``--expect reverse-kl``; under the default convention the diagnosis is reverse-kl.
+    """
+    log_q = F.log_softmax(_rows(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(_rows(teacher_logits) / temperature, dim=-1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                    beta: float = 0.5) -> torch.Tensor:  # fmt: skip
+    """The generalized Jensen–Shannon divergence of GKD (on-policy distillation), as TRL writes it:
+    beta · KL(teacher‖m) + (1 − beta) · KL(student‖m), m = beta · teacher + (1 − beta) · student, mixed
+    in log space, summed over classes, averaged over tokens; no T² factor.
+
+    Correct under ``--expect jsd:0.5,no-t2``; under the default convention the diagnosis is jsd 0.5
+    with t2-forgotten.
+    """
+    log_q = F.log_softmax(_rows(student_logits) / temperature, dim=-1)
+    log_p = F.log_softmax(_rows(teacher_logits) / temperature, dim=-1)
+    b = torch.tensor(beta, dtype=log_q.dtype)
+    log_m = torch.logsumexp(torch.stack([log_q + torch.log1p(-b), log_p + torch.log(b)]), dim=0)
+    kl_teacher = F.kl_div(log_m, log_p, reduction="none", log_target=True)
+    kl_student = F.kl_div(log_m, log_q, reduction="none", log_target=True)
+    jsd = beta * kl_teacher + (1 - beta) * kl_student
+    return jsd.sum() / log_q.shape[0]
+
+
+def jsd_beta_03(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The generalized JSD at beta 0.3 with T²: the diagnosis must name beta 0.3."""
+    return generalized_jsd(student_logits, teacher_logits, temperature, beta=0.3) * temperature**2
