@@ -4,11 +4,14 @@ A *cell* is (framework, API, case, dtype, device, layout). Running it calls the 
 reduction and yields one ``CheckResult`` per reduction, each judged twice:
 
 1. **semantics**: the framework against its API's documented formula evaluated exactly in float64
-   (``oracle.torch_kl_div`` / ``oracle.keras_kl_divergence``) on the values it saw, within the
+   (its spec's ``expectations``) on the values it saw, within the
    derived tolerance; NaN and inf patterns, result shape and result dtype must match exactly;
 2. **meaning**: that formula against the exact KL divergence, reduced the same way. Where they
    differ, the difference must be one of the documented ones in ``DIFFERENCES`` (its size is
-   recorded); Keras's clipping gap must stay within its derived bound.
+   recorded); where the spec derives a bound on the gap (a clipping gap), it must stay within it.
+
+What an API computes, how it reduces and how it differs from the exact KL is its spec's
+(``klparity.apis``); this module knows no framework or API by name.
 """
 
 from __future__ import annotations
@@ -23,55 +26,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
+from klparity.apis import DIFFERENCES, RESULT_OVERFLOW, spec
+from klparity.apis.base import Expectation, overflow_masks
 from klparity.cases import Case
 from klparity.dtypes import dtype_info, round_to, widen
 from klparity.frameworks import Adapter, Api, Output
-from klparity.frameworks.jax_adapter import KL as OPTAX_KL
-from klparity.frameworks.jax_adapter import KL_LOG_TARGETS as OPTAX_KL_LOG_TARGETS
-from klparity.frameworks.jax_adapter import REL_ENTR as JAX_REL_ENTR
-from klparity.tolerances import Budget, budget, table_row
+from klparity.tolerances import table_row
 
 F64 = NDArray[np.float64]
-
-#: Documented differences between an API's formula and the exact KL (name -> what and why).
-DIFFERENCES: Final[dict[str, str]] = {
-    "torch.masked_class_nan": "torch computes 0 * log_softmax = 0 * (-inf) = NaN on a class masked "
-    "with -inf in both teacher and student; the exact KL gives 0 for that class",
-    "torch.log_target_zero_target_nan": "with log_target=True torch computes exp(t) * (t - input) "
-    "= 0 * (-inf - x) = NaN where the log-target is -inf; the exact KL gives 0",
-    "keras.clip_epsilon": "Keras clips y_true and y_pred to [1e-7, 1] and does not renormalise: "
-    "every class with p or q below 1e-7 changes the value",
-    "torch.underflow_times_inf_nan": "a teacher probability that underflows to 0 in the tested dtype, "
-    "on a class where the student is -inf, gives 0 * inf = NaN; the exact KL is +inf",
-    "dtype.result_overflow": "the value exceeds the largest finite number of the result dtype and "
-    "rounds to inf (a float16 sum over many classes; torch's 'batchmean' rounds the sum before "
-    "dividing, so it overflows with the sum even when the mean would fit)",
-    "keras.float16_ratio_overflow": "computing in float16 (keras.losses.kl_divergence on float16 "
-    "inputs, or dtype='float16'), y_true / y_pred overflows to inf once it exceeds 65504, which "
-    "clipping y_pred to 1e-7 makes easy: the loss is inf where the exact KL is finite",
-    "optax.masked_class_nan": "optax.losses.kl_divergence computes targets * (where(targets == 0, 0, "
-    "log(targets)) - log_predictions) = 0 * (0 - (-inf)) = NaN on a class masked with -inf in both "
-    "teacher and student; the exact KL gives 0 for that class",
-    "optax.log_targets_zero_target_nan": "optax.losses.kl_divergence_with_log_targets computes "
-    "exp(log_targets) * (log_targets - log_predictions) = 0 * (-inf - x) = NaN where the log-target is "
-    "-inf; the exact KL gives 0",
-    "jax.rel_entr_nan_is_inf": "jax.scipy.special.rel_entr(p, q) is +inf, not NaN, where p or q is NaN "
-    "(neither its p > 0 nor its p == 0 branch holds; SciPy's rel_entr gives NaN): a row with a NaN logit "
-    "sums to +inf where the exact KL is NaN",
-    "optax.underflow_times_inf_nan": "a teacher probability that underflows to 0 in the tested dtype, "
-    "on a class where the student is -inf, gives 0 * inf = NaN in both optax losses (as in torch); the "
-    "exact KL is +inf",
-    "jax.rel_entr_underflow_hides_inf": "a teacher probability that underflows to 0 in the compute dtype, "
-    "on a class where the student is -inf, makes that term rel_entr(0, 0) = 0: the row is finite where "
-    "the exact KL is +inf",
-    "jax.rel_entr_underflow_inf": "rel_entr takes probabilities: where the student's softmax underflows "
-    "to 0 in the compute dtype (below half its smallest subnormal, or below its smallest normal where the "
-    "backend flushes subnormals, as XLA:CPU does) and the teacher's does not, the term is +inf although "
-    "log q is finite and so is the exact KL; the log-space optax losses do not have this",
-}
-
-TORCH_MEAN_WARNING: Final = "'mean' divides the total loss by both the batch size and the support size"
-
 
 @dataclass
 class CheckResult:
@@ -309,148 +271,6 @@ def _compare_finite(res: CheckResult, obs: F64, ref: F64, tol_a: F64, fin: NDArr
                  f"reference {float(r[k]):.17g}, {n_bad} of {ratio.size} entries off")  # fmt: skip
 
 
-# --------------------------------------------------------------------------- API semantics
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """What one reduction of an API must return, how close, and what the exact KL says."""
-
-    value: F64
-    tolerance: F64 | float
-    exact: F64
-    gap_bound: F64 | float | None  #: derived bound on |value - exact|, or None (must be equal)
-    dtype: str
-    must_warn: str | None
-    #: rows where +inf is accepted too: whether an underflow happens there is within rounding error
-    inf_allowed: NDArray[np.bool_] | None = None
-    #: entries where NaN is accepted too (an underflow to 0 meeting -inf, within rounding error)
-    nan_allowed: NDArray[np.bool_] | None = None
-
-
-def _rounding_band(ex: Exact, dtype: str) -> F64:
-    """Relative error of a probability computed in ``dtype`` (the softmax stage of the error model)."""
-    u = dtype_info(dtype).unit_roundoff
-    with np.errstate(invalid="ignore"):
-        mt = np.max(np.where(np.isfinite(ex.zt), np.abs(ex.zt), 0.0), axis=-1, keepdims=True)
-        rho = np.where(np.isfinite(ex.zt), np.abs(ex.zt), 0.0) + mt + math.log2(max(ex.p.shape[-1], 2)) + 1.0
-    return np.asarray(np.minimum(0.5, 4.0 * u * rho), np.float64)
-
-
-def _underflow_meets_student_inf(
-    ex: Exact, dtype: str, flushes: bool = False
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Classes where the student is -inf and the teacher's mass underflows to 0 in ``dtype``.
-
-    There torch (and optax) compute 0 * inf = NaN where the exact KL is +inf. Returns (surely, maybe):
-    the probability is below half the smallest subnormal even after its rounding error, or near it
-    (up to the smallest normal number when the backend ``flushes`` subnormals to zero).
-    """
-    info = dtype_info(dtype)
-    half = 0.5 * info.smallest_subnormal
-    top = info.smallest_normal if flushes else half
-    band = _rounding_band(ex, dtype)
-    student_inf = (ex.lq == -np.inf) & (ex.p > 0)
-    surely = student_inf & (ex.p * (1.0 + band) < half)
-    maybe = student_inf & ~surely & (ex.p * (1.0 - band) <= top)
-    return surely, maybe
-
-
-def _torch_expectations(api: Api, ex: Exact, bud: Budget, dtype: str) -> dict[str, Expectation]:
-    log_target = bool(api.option("log_target", False))
-    flushed, maybe = _underflow_meets_student_inf(ex, dtype)
-    target = np.where(flushed, -np.inf, ex.lp) if log_target else np.where(flushed, 0.0, ex.p)
-    pointwise = oracle.torch_pointwise(ex.lq, target, log_target=log_target)
-    with np.errstate(invalid="ignore"):
-        exact_pointwise = np.where(ex.p == 0, 0.0, ex.p * (ex.lp - ex.lq))
-    exact_pointwise = np.where(np.isnan(ex.rows)[..., None], np.nan, exact_pointwise)
-    out = {}
-    for red in api.reductions:
-        r = "mean" if red == "default" else red
-        if r == "none":
-            tol: F64 | float = bud.elementwise()
-        else:
-            tol = bud.total() / {"sum": 1, "mean": pointwise.size, "batchmean": pointwise.shape[0]}[r]
-        total = float(np.sum(ex.rows))
-        divisor = {"none": 1, "sum": 1, "mean": pointwise.size, "batchmean": pointwise.shape[0]}[r]
-        out[red] = Expectation(
-            value=oracle.torch_reduce(pointwise, r),
-            tolerance=tol,
-            exact=np.asarray(exact_pointwise) if r == "none" else np.asarray(total / divisor),
-            gap_bound=None,
-            dtype=dtype,
-            must_warn=TORCH_MEAN_WARNING if r == "mean" else None,
-            nan_allowed=maybe if r == "none" else np.asarray(maybe.any()),
-        )
-    return out
-
-
-def _keras_expectations(
-    api: Api, ex: Exact, dtype: str, compute: str, framework: str
-) -> tuple[dict[str, Expectation], Budget]:
-    eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
-    cmax = dtype_info(compute).max
-    pt, qt = np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0)
-    bud = budget(framework=framework, input_dtype=dtype, compute_dtype=compute, p=pt, q=qt,
-                 zt=ex.zt, zs=ex.zs, student_is_probability=True)  # fmt: skip
-    gap_rows = oracle.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)
-    # y_true / y_pred overflows the compute dtype past max * (1 + u) (the rounding boundary); the
-    # ratio carries the relative error of both softmaxes (band), so near the boundary either is right
-    boundary = cmax * (1.0 + dtype_info(compute).unit_roundoff)
-    band = np.minimum(0.5, 2.0 * _rounding_band(ex, dtype) + 4.0 * dtype_info(compute).unit_roundoff)
-    with np.errstate(invalid="ignore", over="ignore"):
-        ratio = pt / qt
-        surely = ratio * (1.0 - band) >= boundary
-        maybe_rows = np.any(~surely & (ratio * (1.0 + band) >= boundary), axis=-1)
-    cmax_eff = np.where(surely, 0.0, np.inf)  # oracle: ratio > compute_max becomes inf
-    gap_rows = np.where(np.any(surely, axis=-1) | maybe_rows, np.inf, gap_rows)
-    out = {}
-    for red in api.reductions:
-        r = "sum_over_batch_size" if red == "default" else red
-        nrows = max(ex.rows.size, 1)
-        tol_rows = bud.rows()
-        if r == "none" or ex.rows.ndim == 0:
-            tol: F64 | float = tol_rows
-            gap: F64 | float = gap_rows
-        else:
-            div = 1 if r == "sum" else nrows
-            tol, gap = float(bud.total()) / div, float(np.sum(gap_rows)) / div
-        out[red] = Expectation(
-            value=oracle.keras_kl_divergence(ex.p, ex.q, reduction=r, epsilon=eps, compute_max=cmax_eff),
-            tolerance=tol,
-            exact=oracle.keras_reduce(ex.rows, r),
-            gap_bound=gap,
-            dtype=compute,
-            must_warn=None,
-            inf_allowed=maybe_rows if (r == "none" or ex.rows.ndim == 0) else np.asarray(maybe_rows.any()),
-        )
-    return out, bud
-
-
-def _differences(api: Api, ex: Exact, compute: str) -> list[str]:
-    """Documented differences whose condition holds for this case and API."""
-    if api.semantics == "optax":
-        return _optax_differences(api, ex, compute)
-    found = []
-    if api.semantics == "keras" and compute == "float16":
-        eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
-        with np.errstate(invalid="ignore"):
-            ratio = np.clip(ex.p, eps, 1.0) / np.clip(ex.q, eps, 1.0)
-        if np.any(ratio * 1.5 > dtype_info(compute).max):  # overflowing, or within the rounding band
-            found.append("keras.float16_ratio_overflow")
-    if api.semantics == "torch":
-        if np.any((ex.lp == -np.inf) & (ex.lq == -np.inf)):
-            found.append("torch.masked_class_nan")
-        if api.option("log_target") and np.any(ex.lp == -np.inf):
-            found.append("torch.log_target_zero_target_nan")
-        surely, maybe = _underflow_meets_student_inf(ex, compute)
-        if np.any(surely | maybe):
-            found.append("torch.underflow_times_inf_nan")
-    elif np.any((ex.p < oracle.KERAS_EPSILON) | (ex.q < oracle.KERAS_EPSILON)):
-        found.append("keras.clip_epsilon")
-    return found
-
-
 def _judge_meaning(res: CheckResult, exp: Expectation, known: list[str]) -> None:
     value, exact = np.asarray(exp.value), np.asarray(exp.exact)
     with np.errstate(invalid="ignore"):
@@ -494,100 +314,6 @@ def _alternatives(obs: F64, exp: Expectation, shape: tuple[int, ...]) -> str:
     return f"; observed / expected = {ratio:.6g}"
 
 
-# ------------------------------------------------------------------------ optax / JAX (per row)
-# optax.losses.kl_divergence is p * (where(p == 0, 0, log p) - log q) and ..._with_log_targets is
-# exp(lp) * (lp - log q), summed over the last axis (optax 0.2.8, optax/losses/_classification.py).
-# In exact arithmetic, special values included (0 * -inf = NaN on a masked class, +inf where only the
-# student is -inf), these are torch's two pointwise formulas, so oracle.torch_pointwise models them
-# (tests/unit/test_jax_adapter.py runs optax in float64 against it on special values).
-
-
-def _xla_flushes(dtype: str) -> bool:
-    """XLA:CPU flushes float32, bfloat16 and float64 subnormals to zero, not float16 (computed in float32)."""
-    return dtype != "float16"
-
-
-def _rel_entr_masks(ex: Exact, framework: str, dtype: str) -> dict[str, NDArray[np.bool_]]:
-    """Per class: p or q surely 0 (``p_zero``, ``q_zero``) or surely nonzero (``p_kept``, ``q_kept``)
-    in ``dtype``, as ``rel_entr_inf_rows`` describes; ``nan_rows`` per row."""
-    info, row = dtype_info(dtype), table_row(framework, dtype)
-    log2c = math.log2(max(ex.p.shape[-1], 2))
-    log_half_eta = math.log(info.smallest_subnormal) - math.log(2.0)
-    log_normal = math.log(info.smallest_normal)
-
-    def zero_and_kept(z: F64, logp: F64) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-        with np.errstate(invalid="ignore"):
-            fin = np.isfinite(z)
-            m = np.max(np.where(fin, np.abs(z), 0.0), axis=-1, keepdims=True)
-            err = row.c_in * info.unit_roundoff * (np.where(fin, np.abs(z), 0.0) + m + log2c + 1.0)
-            unnormalised = logp - np.max(logp, axis=-1, keepdims=True)  # log exp(z_j - max z)
-            zero = (logp == -np.inf) | (unnormalised + err < log_half_eta)
-            kept = np.isfinite(logp) & (logp - err > log_normal)
-        return zero, kept
-
-    p_zero, p_kept = zero_and_kept(ex.zt, ex.lp)
-    q_zero, q_kept = zero_and_kept(ex.zs, ex.lq)
-    nan_rows = np.asarray(np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1), dtype=np.bool_)
-    return {"p_zero": p_zero, "p_kept": p_kept, "q_zero": q_zero, "q_kept": q_kept, "nan_rows": nan_rows}
-
-
-def rel_entr_inf_rows(
-    ex: Exact, framework: str, dtype: str
-) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """Rows where ``sum(jax.scipy.special.rel_entr(p, q), -1)`` is +inf in ``dtype``: (surely, possibly).
-
-    JAX computes p and q = softmax(z) as exp(z - max z) / sum in ``dtype``; rel_entr is +inf where
-    q_j = 0 < p_j, and for NaN arguments. A probability is surely 0 where its logit is -inf or where
-    exp(z_j - max z) is below half the smallest subnormal even after the softmax stage's error (it rounds
-    to 0 under any rounding or flushing, and division keeps it 0); surely nonzero where it exceeds the
-    smallest normal after that error (some backends flush subnormals: XLA:CPU does for float32, float64
-    and bfloat16, not for float16, which it computes in float32). In between the backend and rounding
-    decide. The error of log p_j is the tolerance model's softmax-stage term, c_in u (|z_j| + max|z| +
-    log2 C + 1), with c_in from the (framework, dtype) row.
-    """
-    return _rel_entr_rows(_rel_entr_masks(ex, framework, dtype))
-
-
-def _rel_entr_rows(m: dict[str, NDArray[np.bool_]]) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """``rel_entr_inf_rows`` from the masks of ``_rel_entr_masks``."""
-    surely = np.any(m["q_zero"] & m["p_kept"], axis=-1) | m["nan_rows"]
-    possibly = surely | np.any(~m["q_kept"] & ~m["p_zero"], axis=-1)
-    return surely, possibly
-
-
-def _optax_expectations(
-    api: Api, ex: Exact, dtype: str, framework: str
-) -> tuple[dict[str, Expectation], Budget]:
-    """Per-row value of the optax losses / summed rel_entr (the single reduction ``'none'``)."""
-    rel_entr = api.entry == JAX_REL_ENTR
-    bud = budget(framework=framework, input_dtype=dtype, compute_dtype=dtype, p=ex.p, q=ex.q, zt=ex.zt,
-                 zs=ex.zs, student_is_probability=rel_entr, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
-    inf_allowed = nan_allowed = None
-    if api.entry in (OPTAX_KL, OPTAX_KL_LOG_TARGETS):
-        # teacher mass that underflows to 0 where the student is -inf: 0 * inf = NaN, as in torch
-        flushed, maybe = _underflow_meets_student_inf(ex, dtype, flushes=_xla_flushes(dtype))
-        if api.entry == OPTAX_KL:
-            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, 0.0, ex.p), log_target=False)
-        else:
-            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
-        value = np.sum(pointwise, axis=-1)
-        nan_allowed = np.asarray(maybe.any(axis=-1))
-    elif rel_entr:
-        masks = _rel_entr_masks(ex, framework, dtype)
-        surely, possibly = _rel_entr_rows(masks)
-        # where the student is -inf, teacher mass that is not surely kept may be 0: rel_entr(0, 0) = 0
-        # there (the value below; +inf is allowed too, through ``possibly``)
-        dropped = (ex.lq == -np.inf) & ~masks["p_kept"]
-        value = np.where(surely, np.inf, oracle.kl_from_log_probs(np.where(dropped, -np.inf, ex.lp), ex.lq))
-        inf_allowed = possibly & ~surely
-    else:
-        raise ValueError(f"no optax-semantics formula for {api.entry!r}")
-    exp = Expectation(value=np.asarray(value, np.float64), tolerance=bud.rows(), exact=ex.rows,
-                      gap_bound=None, dtype=dtype, must_warn=None, inf_allowed=inf_allowed,
-                      nan_allowed=nan_allowed)  # fmt: skip
-    return {red: exp for red in api.reductions}, bud
-
-
 def accept_inf_where_allowed(
     expected: dict[str, Expectation], outputs: dict[str, Output]
 ) -> dict[str, Expectation]:
@@ -606,34 +332,6 @@ def accept_inf_where_allowed(
     return out
 
 
-def _overflow_masks(value: F64, tol: F64 | float, dtype: str) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """(surely, maybe): |value| beyond the dtype's rounding boundary to inf, beyond any doubt or within ``tol``."""
-    info = dtype_info(dtype)
-    boundary = info.max * (1.0 + info.unit_roundoff)
-    value = np.asarray(value, np.float64)
-    tol_a = np.broadcast_to(np.asarray(tol, np.float64), value.shape)
-    with np.errstate(invalid="ignore"):
-        surely = np.isfinite(value) & (np.abs(value) - tol_a >= boundary)
-        maybe = np.isfinite(value) & ~surely & (np.abs(value) + tol_a >= boundary)
-    return surely, maybe
-
-
-def _torch_sum_overflow(expected: dict[str, Expectation]) -> tuple[dict[str, Expectation], bool]:
-    """torch's 'batchmean' rounds the *sum* to the result dtype before dividing by size(0), so it
-    overflows to inf with the sum (float16: past 65504) even when the mean is representable."""
-    if "sum" not in expected or "batchmean" not in expected:
-        return expected, False
-    total = expected["sum"]
-    surely, maybe = _overflow_masks(total.value, total.tolerance, total.dtype)
-    if not (surely.any() or maybe.any()):
-        return expected, False
-    bm = expected["batchmean"]
-    with np.errstate(invalid="ignore"):
-        value = np.where(surely, np.copysign(np.inf, np.asarray(total.value)), bm.value)
-    allowed = maybe if bm.inf_allowed is None else (bm.inf_allowed | maybe)
-    return {**expected, "batchmean": replace(bm, value=value, inf_allowed=allowed)}, True
-
-
 def within_result_range(expected: dict[str, Expectation]) -> tuple[dict[str, Expectation], bool]:
     """Values beyond the result dtype's largest finite number round to inf; near it, either is right.
 
@@ -642,7 +340,7 @@ def within_result_range(expected: dict[str, Expectation]) -> tuple[dict[str, Exp
     out, hit = {}, False
     for red, exp in expected.items():
         value = np.asarray(exp.value, np.float64)
-        surely, maybe = _overflow_masks(value, exp.tolerance, exp.dtype)
+        surely, maybe = overflow_masks(value, exp.tolerance, exp.dtype)
         if surely.any() or maybe.any():
             hit = True
             allowed = maybe if exp.inf_allowed is None else (exp.inf_allowed | maybe)
@@ -651,29 +349,6 @@ def within_result_range(expected: dict[str, Expectation]) -> tuple[dict[str, Exp
             exp = replace(exp, value=value, inf_allowed=allowed)
         out[red] = exp
     return out, hit
-
-
-def _optax_differences(api: Api, ex: Exact, compute: str) -> list[str]:
-    """Documented differences of the optax / JAX per-row APIs whose condition holds here."""
-    found = []
-    if api.entry == OPTAX_KL and np.any((ex.lp == -np.inf) & (ex.lq == -np.inf)):
-        found.append("optax.masked_class_nan")
-    if api.entry == OPTAX_KL_LOG_TARGETS and np.any(ex.lp == -np.inf):
-        found.append("optax.log_targets_zero_target_nan")
-    if api.entry in (OPTAX_KL, OPTAX_KL_LOG_TARGETS):
-        surely, maybe = _underflow_meets_student_inf(ex, compute, flushes=_xla_flushes(compute))
-        if np.any(surely | maybe):
-            found.append("optax.underflow_times_inf_nan")
-    if api.entry == JAX_REL_ENTR:
-        masks = _rel_entr_masks(ex, api.framework, compute)
-        if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~masks["p_kept"]):
-            found.append("jax.rel_entr_underflow_hides_inf")
-        nan_rows = masks["nan_rows"]
-        if np.any(nan_rows):
-            found.append("jax.rel_entr_nan_is_inf")
-        if np.any(_rel_entr_rows(masks)[1] & ~nan_rows):
-            found.append("jax.rel_entr_underflow_inf")
-    return found
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -713,23 +388,14 @@ def run_cell(adapter: Adapter, cell: Cell, shift: int = 0,
     t_r, s_r = rounded(case, shift, dtype)
     ex = case_exact(case, shift, dtype, oracle_name)
     compute = adapter.compute_dtype(cell.api, dtype)
-    if cell.api.semantics == "torch":
-        bud = budget(framework=cell.framework, input_dtype=dtype, compute_dtype=compute, p=ex.p,
-                     q=ex.q, zt=ex.zt, zs=ex.zs, student_is_probability=False, log_p=ex.lp,
-                     log_q=ex.lq)  # fmt: skip
-        expected = _torch_expectations(cell.api, ex, bud, compute)
-    elif cell.api.semantics == "optax":
-        expected, bud = _optax_expectations(cell.api, ex, compute, cell.framework)
-    else:
-        expected, bud = _keras_expectations(cell.api, ex, dtype, compute, cell.framework)
+    api_spec = spec(cell.api)
+    expected, bud = api_spec.expectations(cell.api, ex, dtype, compute, cell.framework)
     outputs = (call or adapter.run)(cell.api, t_r, s_r, case.temperature, cell.device, cell.layout)
-    known = _differences(cell.api, ex, compute)
-    sum_overflowed = False
-    if cell.api.semantics == "torch":
-        expected, sum_overflowed = _torch_sum_overflow(expected)
+    known = api_spec.known_differences(cell.api, ex, compute)
+    expected, api_overflowed = api_spec.adjust(expected)
     expected, overflowed = within_result_range(expected)
-    if overflowed or sum_overflowed:
-        known.append("dtype.result_overflow")
+    if overflowed or api_overflowed:
+        known.append(RESULT_OVERFLOW)
     expected = accept_inf_where_allowed(expected, outputs)
     results = []
     for red, exp in expected.items():
@@ -744,8 +410,8 @@ def run_cell(adapter: Adapter, cell: Cell, shift: int = 0,
                      + (" (computed through a lower precision?)" if exp.dtype == "float64" else ""))  # fmt: skip
         warned = any(exp.must_warn in w for w in out.warnings) if exp.must_warn else False
         if exp.must_warn and not warned:
-            res.fail(f"expected torch's UserWarning containing {exp.must_warn!r}; none was raised "
-                     "(has 'mean' changed meaning?)")  # fmt: skip
+            res.fail(f"expected the API's warning containing {exp.must_warn!r}; none was raised "
+                     "(has the reduction changed meaning?)")  # fmt: skip
         if not exp.must_warn and out.warnings:
             res.fail(f"unexpected warning: {out.warnings[0]}")
         _judge_meaning(res, exp, known)
@@ -764,13 +430,12 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
     lower precision, or a wrong divisor, shows even where the end-to-end tolerance is dominated by
     half-precision elementwise rounding.
     """
-    if cell.api.semantics not in ("torch", "keras") or "none" not in outputs:
+    api_spec = spec(cell.api)
+    if not api_spec.reduces_own_output() or "none" not in outputs:
         return []
     pointwise = np.asarray(outputs["none"].value, np.float64)
     if not np.all(np.isfinite(pointwise)) or pointwise.ndim == 0:
         return []  # special values are judged by the main checks; a scalar has nothing to reduce
-    reduce = oracle.torch_reduce if cell.api.semantics == "torch" else oracle.keras_reduce
-    defaults = {"torch": "mean", "keras": "sum_over_batch_size"}
     u_c = dtype_info(compute).unit_roundoff
     u64 = dtype_info("float64").unit_roundoff
     u_acc = dtype_info(table_row(cell.framework, cell.dtype).accumulate).unit_roundoff
@@ -782,16 +447,16 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
     for red, got in outputs.items():
         if red == "none":
             continue
-        r = defaults[cell.api.semantics] if red == "default" else red
-        expected = reduce(pointwise, r)
-        divisor = 1 if r == "sum" else (pointwise.shape[0] if r == "batchmean" else pointwise.size)
+        r = api_spec.resolve(red)
+        expected = api_spec.reduce(pointwise, r)
+        divisor = api_spec.divisor(r, pointwise.shape)
         # + one subnormal spacing: the result's rounding and division, where it is subnormal
         # (u_acc + u_64: our own float64 pairwise sum of the same terms)
         tol = ((math.log2(n) * (u_acc + u64) + u_c) * abs_sum / divisor + 2 * u_c * abs(float(expected))
                + dtype_info(compute).smallest_subnormal)  # fmt: skip
-        if cell.api.semantics == "torch" and r in ("sum", "batchmean"):  # the sum is rounded first
+        if api_spec.sum_rounded_first(r):
             total = float(np.sum(pointwise))
-            surely, maybe = _overflow_masks(np.asarray(total), tol * divisor, compute)
+            surely, maybe = overflow_masks(np.asarray(total), tol * divisor, compute)
             if bool(surely) or (bool(maybe) and np.isinf(got.value).all()):
                 expected = np.asarray(math.copysign(math.inf, total))
         res = CheckResult(cell.framework, cell.api.id, f"{red} vs own none", cell.dtype, cell.device,

@@ -27,7 +27,6 @@ accepted as correct for TensorFlow losses and reported as a note.
 from __future__ import annotations
 
 import ast
-import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -35,7 +34,7 @@ import itertools
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
@@ -44,11 +43,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
+from klparity.apis import DIFFERENCES
+from klparity.apis.keras_kl_divergence import keras_grads
 from klparity.cases import Case
-from klparity.checks import DIFFERENCES, Exact
+from klparity.checks import Exact
 from klparity.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
+from klparity.exact_grads import exact_student_grad, exact_teacher_grad
 from klparity.frameworks import REGISTRY
-from klparity.gradients import exact_student_grad, exact_teacher_grad, keras_grads
 from klparity.tolerances import (
     Budget,
     GradBudget,
@@ -62,7 +63,7 @@ from klparity.tolerances import (
 F64 = NDArray[np.float64]
 LossFn = Callable[..., Any]
 
-FRAMEWORKS: Final = ("torch", "tensorflow", "jax")
+FRAMEWORKS: Final = tuple(REGISTRY)
 TAKES: Final = ("logits", "probs", "log_probs")
 #: ``--expect`` reductions: name -> what the loss must divide the sum of per-row KLs by.
 REDUCTIONS: Final[dict[str, str]] = {
@@ -75,9 +76,8 @@ DEFAULT_INPUTS: Final = "student_logits,teacher_logits,temperature"
 DEFAULT_EXPECT: Final = "mean,t2"
 DEFAULT_DTYPES: Final = ("float32", "float64")
 
-#: Module prefixes an import of which names the framework a loss file uses.
-_IMPORT_FRAMEWORK: Final = {"torch": "torch", "tensorflow": "tensorflow", "keras": "tensorflow",
-                            "tf_keras": "tensorflow", "jax": "jax", "optax": "jax", "flax": "jax"}  # fmt: skip
+#: Module prefixes an import of which names the framework a loss file uses (each adapter's ``import_names``).
+_IMPORT_FRAMEWORK: Final = {m: name for name, a in REGISTRY.items() for m in a.import_names}
 
 
 class UsageError(ValueError):
@@ -247,110 +247,13 @@ def _args(conv: Convention, student: Any, teacher: Any, temperature: float) -> l
     return [by_role[r] for r in conv.inputs]
 
 
-def _run_torch(fn: LossFn, conv: Convention, t: NDArray[np.generic], s: NDArray[np.generic],
-               temperature: float) -> tuple[Any, Any, str]:  # fmt: skip
-    import torch
+def _call(fn: LossFn, conv: Convention) -> Callable[[Any, Any, Any], Any]:
+    """The user's loss as ``call(student, teacher, temperature)``, its arguments in the declared order."""
 
-    tdtype = getattr(torch, str(t.dtype))
-    tt = torch.from_numpy(t.astype(np.float64)).to(tdtype)
-    ss = torch.from_numpy(s.astype(np.float64)).to(tdtype).requires_grad_(True)
-    fs, ft = ss, tt
-    if conv.takes == "probs":
-        fs, ft = torch.softmax(ss / temperature, -1), torch.softmax(tt / temperature, -1)
-    elif conv.takes == "log_probs":
-        fs, ft = torch.log_softmax(ss / temperature, -1), torch.log_softmax(tt / temperature, -1)
-    out = fn(*_args(conv, fs, ft, temperature))
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the loss returned {type(out).__name__}, not a torch.Tensor")
-    grad = None
-    if out.requires_grad:
-        (g,) = torch.autograd.grad(out.sum(), ss, allow_unused=True)
-        grad = None if g is None else g.detach().to(torch.float64).numpy()
-    return out.detach().to(torch.float64).numpy(), grad, str(out.dtype).removeprefix("torch.")
+    def call(student: Any, teacher: Any, temperature: Any) -> Any:
+        return fn(*_args(conv, student, teacher, temperature))
 
-
-def _run_tensorflow(fn: LossFn, conv: Convention, t: NDArray[np.generic], s: NDArray[np.generic],
-                    temperature: float) -> tuple[Any, Any, str]:  # fmt: skip
-    import tensorflow as tf
-
-    dtype = str(t.dtype)
-    tt = tf.cast(tf.constant(t.astype(np.float64)), dtype)
-    ss = tf.cast(tf.constant(s.astype(np.float64)), dtype)
-    with tf.GradientTape() as tape:
-        tape.watch(ss)
-        fs, ft = ss, tt
-        if conv.takes == "probs":
-            fs, ft = tf.nn.softmax(ss / temperature, axis=-1), tf.nn.softmax(tt / temperature, axis=-1)
-        elif conv.takes == "log_probs":
-            fs, ft = tf.nn.log_softmax(ss / temperature, axis=-1), tf.nn.log_softmax(tt / temperature, axis=-1)
-        out = fn(*_args(conv, fs, ft, temperature))
-    if not tf.is_tensor(out):
-        raise TypeError(f"the loss returned {type(out).__name__}, not a TensorFlow tensor")
-    g = tape.gradient(out, ss)
-    grad = None if g is None else np.asarray(g.numpy()).astype(np.float64)
-    return np.asarray(out.numpy()).astype(np.float64), grad, out.dtype.name
-
-
-def _jax_step(fn: LossFn, conv: Convention, jit: bool) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
-    """(value, d sum(value) / d student) of the loss, as one function of (student, teacher, T)."""
-    import jax
-
-    def step(ss: Any, tt: Any, temperature: Any) -> tuple[Any, Any]:
-        def loss(ss: Any) -> Any:
-            fs, ft = ss, tt
-            if conv.takes == "probs":
-                fs, ft = jax.nn.softmax(ss / temperature, axis=-1), jax.nn.softmax(tt / temperature, axis=-1)
-            elif conv.takes == "log_probs":
-                fs, ft = jax.nn.log_softmax(ss / temperature, axis=-1), jax.nn.log_softmax(tt / temperature, axis=-1)
-            return fn(*_args(conv, fs, ft, temperature))
-
-        out, vjp = jax.vjp(loss, ss)
-        (g,) = vjp(jax.numpy.ones_like(out))
-        return out, g
-
-    return jax.jit(step) if jit else step
-
-
-_JITTED: dict[tuple[LossFn, Convention], Callable[[Any, Any, Any], tuple[Any, Any]]] = {}
-
-
-def _run_jax(fn: LossFn, conv: Convention, t: NDArray[np.generic], s: NDArray[np.generic],
-             temperature: float) -> tuple[Any, Any, str]:  # fmt: skip
-    """Jitted as a training step is, the temperature traced (one compilation per shape and dtype); a loss
-    that needs a concrete temperature (Python control flow on it) runs eagerly instead."""
-    import jax
-
-    with jax.enable_x64(str(t.dtype) == "float64"):
-        tt, ss = jax.numpy.asarray(t), jax.numpy.asarray(s)
-        key = (fn, conv)
-        if key not in _JITTED:
-            _JITTED.clear()  # one loss at a time: do not keep compiled user code alive
-            _JITTED[key] = _jax_step(fn, conv, jit=True)
-        try:
-            out, g = _JITTED[key](ss, tt, temperature)
-        except jax.errors.ConcretizationTypeError:  # also TracerBoolConversionError
-            out, g = _jax_step(fn, conv, jit=False)(ss, tt, temperature)
-        return np.asarray(out).astype(np.float64), np.asarray(g).astype(np.float64), str(out.dtype)
-
-
-@contextlib.contextmanager
-def _one_thread(framework: str) -> Iterator[None]:
-    """torch on one intra-op thread while the check runs (restored after): the cases are a few hundred
-    elements, where a thread pool only costs (8x slower measured on a busy 2-core machine)."""
-    if framework != "torch":
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-_RUNNERS: Final = {"torch": _run_torch, "tensorflow": _run_tensorflow, "jax": _run_jax}
+    return call
 
 
 def observe(fn: LossFn, framework: str, conv: Convention, case: Case, dtype: str) -> Observation:
@@ -360,7 +263,8 @@ def observe(fn: LossFn, framework: str, conv: Convention, case: Case, dtype: str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # reported as evidence, never raised into the user's code
         try:
-            value, grad, vdtype = _RUNNERS[framework](fn, conv, t, s, case.temperature)
+            value, grad, vdtype = REGISTRY[framework].run_user_loss(_call(fn, conv), conv.takes, t, s, case.temperature,
+                                                                    key=(fn, conv))  # fmt: skip
         except Exception as e:  # the user's code: any exception is a finding about it
             return Observation(case, dtype, None, "", None, error=_error(e))
     msgs = tuple(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
@@ -561,11 +465,11 @@ def hypotheses(conv: Convention, framework: str, fitted: Sequence[Fitted] = ()) 
     formulas = [(f, False) for f in FORMULAS]
     if jsd_beta(conv.formula) is not None:
         formulas.append((conv.formula, False))
-    if framework == "tensorflow":
+    if REGISTRY[framework].user_losses_clip:
         formulas += [(f, True) for f in _CLIPPABLE]
     combos = [(f, clipped, r, k) for (f, clipped), r, k in itertools.product(formulas, _REDUCTION_BUGS, _POWERS)]
     combos += [(f.formula, clipped, f.reduction, f.power) for f in fitted for clipped in (False, True)
-               if not clipped or (framework == "tensorflow" and f.formula in _CLIPPABLE)]
+               if not clipped or (REGISTRY[framework].user_losses_clip and f.formula in _CLIPPABLE)]
     out = [
         Hypothesis(_formula_factor(conv.formula, f), clipped, _reduction_factor(conv.reduction, r),
                    _scale_factor(expected_power, k), o)
@@ -1011,7 +915,7 @@ def _expected(conv: Convention, framework: str) -> list[Hypothesis]:
     red, scale = _reduction_factor(conv.reduction, conv.reduction), _scale_factor(power, power)
     form = _formula_factor(conv.formula, conv.formula)
     out = [Hypothesis(form, False, red, scale, "none")]
-    if framework == "tensorflow" and conv.formula in _CLIPPABLE:
+    if REGISTRY[framework].user_losses_clip and conv.formula in _CLIPPABLE:
         out.append(Hypothesis(form, True, red, scale, "none"))
     return out
 
@@ -1238,7 +1142,7 @@ def check_loss(fn: LossFn, framework: str, conv: Convention | None = None, *,
         REGISTRY[framework].devices()
     except RuntimeError:  # already started by other code: its settings stay (the cases are tiny anyway)
         pass
-    with _one_thread(framework):
+    with REGISTRY[framework].small_work():
         observations = [observe(fn, framework, conv, c, d) for c in grid for d in dtypes]
     errors = [o for o in observations if o.error]
     if errors and len(errors) == len(observations):
@@ -1262,11 +1166,12 @@ def check_loss(fn: LossFn, framework: str, conv: Convention | None = None, *,
             + "; ".join(f.text for f in diag.bugs + diag.excused)
             + ". Pass --masked-vocab (masked_vocab=True) if your logits can hold -inf, to make this a failure")
     clipped = [(p, v) for p, v in zip(preps, verdicts, strict=True) if v.clipped and v.ok]
-    if clipped:
+    clip = REGISTRY[framework].user_losses_clip
+    if clipped and clip:
         gaps = [float(np.max(np.abs(v.expected - e) / np.abs(e))) for p, v in clipped if v.expected is not None
                 for e in [predict(correct[0], p).value] if np.all(np.isfinite(e) & (e != 0))]  # fmt: skip
-        report.notes.append(f"keras.clip_epsilon: {DIFFERENCES['keras.clip_epsilon']}. In {len(clipped)} runs the "
-                            "loss is Keras's clipped formula (value and gradient, within rounding), not the exact "
+        report.notes.append(f"{clip}: {DIFFERENCES[clip]}. In {len(clipped)} runs the loss is the "
+                            "framework's clipped formula (value and gradient, within rounding), not the exact "
                             f"KL: accepted as correct; its relative gap to the exact KL there is up to "
                             f"{max(gaps, default=0.0):.2g}")  # fmt: skip
     narrowed = sorted({f"{p.obs.dtype} inputs computed in {p.compute}" for p in preps if p.compute != p.obs.dtype})

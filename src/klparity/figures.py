@@ -28,9 +28,10 @@ from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
 from klparity import oracle
+from klparity.apis import DIFFERENCES, GRAD_DIFFERENCES, SPECS
 from klparity.cases import TEMPERATURES, Case, cases
-from klparity.checks import DIFFERENCES
 from klparity.dtypes import DTYPE_NAMES, round_to, widen
+from klparity.frameworks import REGISTRY
 from klparity.report import HEADER, Row, environment, format_rows
 
 F64 = NDArray[np.float64]
@@ -79,9 +80,20 @@ def _case_shape(case_id: str, by_id: dict[str, Case]) -> tuple[int, ...] | None:
 
 
 def _short(api: str) -> str:
-    for long, short in (("torch.nn.functional.", "F."), ("keras.losses.", "keras."), ("optax.losses.", "optax.")):
-        api = api.replace(long, short)
+    """An API id with its module path abbreviated as each adapter says (``short_names``)."""
+    for adapter in REGISTRY.values():
+        for long, short in adapter.short_names:
+            api = api.replace(long, short)
     return api
+
+
+def _elementwise(framework: str, api_id: str, reduction: str) -> bool:
+    """The result of ``reduction`` is one value per class (not per row), as its API's spec says."""
+    adapter = REGISTRY.get(framework)
+    if adapter is None or reduction != "none":
+        return False
+    api = next((a for d in adapter.dtypes for a in adapter.apis(d) if a.id == api_id), None)
+    return api is not None and api.semantics in SPECS and SPECS[api.semantics].none_is_elementwise
 
 
 def _worst(results: Iterable[dict[str, Any]], key: Any) -> tuple[dict[Any, float], set[Any]]:
@@ -193,22 +205,22 @@ def error_vs_classes(results: Sequence[dict[str, Any]]) -> Figure:
             continue
         c, key = shape[-1], (r["framework"], r["dtype"])
         tight[key][c] = max(tight[key].get(c, 0.0), _float(r["tightness"]))
-        # torch's 'none' is elementwise: its relative error is that of single terms, not of a KL
+        # an elementwise 'none' has the relative error of single terms, not of a KL
         case = by_id.get(r["case"])
         if case and case.family == ERROR_FAMILY and case.temperature in TEMPERATURES \
-                and not (r["framework"] == "torch" and r["reduction"] == "none"):  # fmt: skip
+                and not _elementwise(r["framework"], r["api"], r["reduction"]):  # fmt: skip
             rel[key][c] = max(rel[key].get(c, 0.0), _float(r["max_rel"]))
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax_rel, ax_tight = fig.subplots(1, 2)
-    styles = {"torch": "o-", "tensorflow": "s--", "jax": "^:"}
     for key in sorted(tight):
         fw, d = key
         for ax, data in ((ax_rel, rel), (ax_tight, tight)):
             points = sorted((c, v) for c, v in data[key].items() if math.isfinite(v) and v > 0)
             if points:
                 xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, styles.get(fw, "o-"), label=f"{fw} {d}", markersize=4)
+                style = REGISTRY[fw].plot_style if fw in REGISTRY else "o-"
+                ax.plot(xs, ys, style, label=f"{fw} {d}", markersize=4)
     for ax, title in ((ax_rel, "largest relative error (Gaussian logits, T 0.5 to 10)"),
                       (ax_tight, "worst error / tolerance (every case)")):
         ax.set_xscale("log")
@@ -388,8 +400,4 @@ def _plain(v: Any) -> str:
 
 
 def _difference_text(name: str) -> str:
-    if name in DIFFERENCES:
-        return DIFFERENCES[name]
-    from klparity.gradients import GRAD_DIFFERENCES
-
-    return GRAD_DIFFERENCES.get(name, "")
+    return DIFFERENCES.get(name) or GRAD_DIFFERENCES.get(name, "")

@@ -40,16 +40,15 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import checks, grid
+from klparity import apis, checks, grid
+from klparity.apis import RESULT_OVERFLOW
+from klparity.apis.base import Expectation
 from klparity.cases import make_id
-from klparity.checks import CheckResult, Exact, Expectation, compare
+from klparity.checks import CheckResult, Exact, compare
 from klparity.dtypes import dtype_info, widen
 from klparity.frameworks import REGISTRY, Api, Output
-from klparity.frameworks.keras_adapter import loss as keras_loss
-from klparity.frameworks.torch_adapter import loss as torch_loss
-from klparity.frameworks.torch_adapter import to_float64
 from klparity.oracle import _oracle_threads
-from klparity.tolerances import Budget, budget
+from klparity.tolerances import Budget
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +62,6 @@ BLOCK_BYTES: Final = 1 << 22
 #: Block-sized float64 arrays alive at once in one reference worker (Exact, budget, expectations;
 #: measured with tracemalloc: 26 for a torch + Keras float32 sweep), for the memory estimate.
 ORACLE_BLOCK_ARRAYS: Final = 32
-#: Arrays of the inputs' size a framework holds at its peak beyond the two inputs (measured with
-#: VmHWM on 2**23 and 2**25 elements): torch 5.05 (log_softmax input, target, and kl_div's three
-#: elementwise temporaries); TensorFlow 8.25 (tf.constant copies, softmaxes, Keras's two clips, the
-#: ratio, its log, the product; 6.2 at 2**28). TensorFlow's oneDNN CPU allocator keeps it afterwards.
-FRAMEWORK_ARRAYS: Final[dict[str, float]] = {"torch": 5.5, "tensorflow": 9.0}
 #: Headroom on top of the estimate (interpreter, framework libraries, allocator slack).
 MARGIN_BYTES: Final = GIB // 2
 #: The reference's peak memory, inputs included, must stay within this multiple of the inputs' size.
@@ -112,15 +106,9 @@ class ScaleCase:
 #: C = 128256 (Llama 3) at T = 1 and C = 256000 (Gemma) at T = 2, each just under 2**28 elements.
 CASES: Final = (ScaleCase((8, 261, 128256), 1.0), ScaleCase((8, 131, 256000), 2.0))
 
-#: (framework, API, dtypes): torch's functional KL both ways, Keras's loss class at its float32 default.
-APIS: Final[tuple[tuple[str, Api, tuple[str, ...]], ...]] = (
-    *(
-        ("torch", Api("torch", "torch.nn.functional.kl_div", "torch", ("sum", "batchmean"), (("log_target", lt),)),
-         ("float32", "bfloat16"))
-        for lt in (False, True)
-    ),
-    ("tensorflow", Api("tensorflow", "keras.losses.KLDivergence", "keras", ("default", "sum")), ("float32",)),
-)  # fmt: skip
+def scale_apis() -> tuple[tuple[str, Api, tuple[str, ...]], ...]:
+    """The APIs the scale tier checks: (framework, API, dtypes), from every adapter's ``scale_apis``."""
+    return tuple((name, api, dtypes) for name, adapter in REGISTRY.items() for api, dtypes in adapter.scale_apis)
 
 
 @dataclass(frozen=True)
@@ -147,7 +135,7 @@ class ScaleCell:
 def cells(sel: grid.Selection, cases: Sequence[ScaleCase] = CASES) -> list[ScaleCell]:
     """The scale cells of a selection; torch first (TensorFlow keeps its peak memory once it ran)."""
     out = []
-    for fw, api, dtypes in APIS:
+    for fw, api, dtypes in scale_apis():
         if fw not in sel.frameworks:
             continue
         for case in cases:
@@ -271,9 +259,9 @@ class _Block:
 
     value: float
     exact: float
-    gap: float
-    nan_allowed: bool
-    inf_allowed: bool
+    gap: float | None  #: None: the spec derives no bound on the gap (the formula must equal the exact KL)
+    nan_allowed: bool | None  #: None: the spec never allows NaN for an underflow
+    inf_allowed: bool | None
     budget: BudgetTotal
     known: tuple[str, ...]
 
@@ -287,70 +275,51 @@ class Reference:
     reason: str  #: the tolerance's reason
 
 
-def divisor(semantics: str, reduction: str, shape: tuple[int, ...]) -> tuple[str, int]:
-    """(reduction name, divisor) of a reduction label on the total over ``shape``.
-
-    As ``oracle.torch_reduce`` / ``oracle.keras_reduce`` (checked against them in the unit tests):
-    torch ``'default'`` is ``'mean'`` (÷ numel), ``'batchmean'`` ÷ size(0); Keras ``'default'`` is
-    ``'sum_over_batch_size'`` (÷ rows, B·S). Unreduced results are not checked at scale.
-    """
+def divisor(api: Api, reduction: str, shape: tuple[int, ...]) -> tuple[str, int]:
+    """(reduction name, divisor) of a reduction label on the total over ``shape`` (the API spec's
+    ``scale_divisor``; checked against its ``reduce`` in the unit tests). Unreduced results are not
+    checked at scale."""
     if len(shape) < 2:
         raise ValueError(f"the scale tier needs a batch axis; got shape {shape}")
-    if semantics == "torch":
-        name = "mean" if reduction == "default" else reduction
-        table = {"sum": 1, "mean": math.prod(shape), "batchmean": shape[0]}
-    elif semantics == "keras":
-        name = "sum_over_batch_size" if reduction == "default" else reduction
-        rows = math.prod(shape[:-1])
-        table = {"sum": 1, "sum_over_batch_size": rows, "mean": rows, "mean_with_sample_weight": rows}
-    else:
-        raise ValueError(f"no scale reference for {semantics!r} semantics")
-    if name not in table:
-        raise ValueError(f"reduction {reduction!r} is not checked at scale; expected one of {sorted(table)}")
-    return name, table[name]
+    return apis.spec(api).scale_divisor(reduction, shape)
 
 
-def _block(ex: Exact, spec: Spec, dtype: str, budgets: dict[tuple[str, str], Budget]) -> _Block:
+def _block(ex: Exact, spec: Spec, dtype: str, budgets: dict[tuple[object, ...], Budget]) -> _Block:
     """One block's ``'sum'`` expectation of one API, from the functions ``checks.run_cell`` uses."""
     api = replace(spec.api, reductions=("sum",))
-    if spec.api.semantics == "torch":
-        key = (spec.framework, spec.compute)
-        if key not in budgets:  # the same budget serves log_target both ways
-            budgets[key] = budget(framework=spec.framework, input_dtype=dtype, compute_dtype=spec.compute,
-                                  p=ex.p, q=ex.q, zt=ex.zt, zs=ex.zs, student_is_probability=False,
-                                  log_p=ex.lp, log_q=ex.lq)  # fmt: skip
-        bud = budgets[key]
-        exp = checks._torch_expectations(api, ex, bud, spec.compute)["sum"]
-    elif spec.api.semantics == "keras":
-        exps, bud = checks._keras_expectations(api, ex, dtype, spec.compute, spec.framework)
-        exp = exps["sum"]
-    else:
-        raise ValueError(f"no scale reference for {spec.api.semantics!r} semantics")
+    api_spec = apis.spec(spec.api)
+    exps, bud = api_spec.expectations_shared(api, ex, dtype, spec.compute, spec.framework, budgets)
+    exp = exps["sum"]
     return _Block(
         value=float(exp.value), exact=float(exp.exact),
-        gap=0.0 if exp.gap_bound is None else float(exp.gap_bound),
-        nan_allowed=exp.nan_allowed is not None and bool(np.any(exp.nan_allowed)),
-        inf_allowed=exp.inf_allowed is not None and bool(np.any(exp.inf_allowed)),
-        budget=BudgetTotal.of(bud), known=tuple(checks._differences(spec.api, ex, spec.compute)),
+        gap=None if exp.gap_bound is None else float(exp.gap_bound),
+        nan_allowed=None if exp.nan_allowed is None else bool(np.any(exp.nan_allowed)),
+        inf_allowed=None if exp.inf_allowed is None else bool(np.any(exp.inf_allowed)),
+        budget=BudgetTotal.of(bud), known=tuple(api_spec.known_differences(spec.api, ex, spec.compute)),
     )  # fmt: skip
+
+
+def _any(flags: Sequence[bool | None]) -> NDArray[np.bool_] | None:
+    """Whether any block allows it (None when no block's spec has the notion)."""
+    kept = [f for f in flags if f is not None]
+    return np.asarray(any(kept)) if kept else None
 
 
 def _combine(spec: Spec, blocks: Sequence[_Block], shape: tuple[int, ...]) -> Reference:
     """Every reduction of one API on the whole array, from its blocks (as ``checks`` would build it)."""
-    torch_like = spec.api.semantics == "torch"
+    api_spec = apis.spec(spec.api)
     bud = BudgetTotal.combine([b.budget for b in blocks])
     value, exact = _fsum([b.value for b in blocks]), _fsum([b.exact for b in blocks])
-    gap, tol = _fsum([b.gap for b in blocks]), bud.total()
-    nan_any, inf_any = any(b.nan_allowed for b in blocks), any(b.inf_allowed for b in blocks)
+    gaps = [b.gap for b in blocks if b.gap is not None]
+    gap, tol = (_fsum(gaps) if gaps else None), bud.total()
+    nan_any, inf_any = _any([b.nan_allowed for b in blocks]), _any([b.inf_allowed for b in blocks])
     expected = {}
     for red in spec.api.reductions:
-        name, div = divisor(spec.api.semantics, red, shape)
+        name, div = divisor(spec.api, red, shape)
         expected[red] = Expectation(
             value=np.asarray(value / div), tolerance=tol / div, exact=np.asarray(exact / div),
-            gap_bound=None if torch_like else gap / div, dtype=spec.compute,
-            must_warn=checks.TORCH_MEAN_WARNING if torch_like and name == "mean" else None,
-            inf_allowed=None if torch_like else np.asarray(inf_any),
-            nan_allowed=np.asarray(nan_any) if torch_like else None,
+            gap_bound=None if gap is None else gap / div, dtype=spec.compute,
+            must_warn=api_spec.warning(name), inf_allowed=inf_any, nan_allowed=nan_any,
         )  # fmt: skip
     known = tuple(dict.fromkeys(name for b in blocks for name in b.known))
     return Reference(expected, known, bud.reason)
@@ -379,7 +348,7 @@ def reference(
     def work(start: int) -> list[_Block]:
         tb, sb = widen(t2[start : start + step]), widen(s2[start : start + step])
         ex = Exact.of(tb, sb, temperature)
-        budgets: dict[tuple[str, str], Budget] = {}
+        budgets: dict[tuple[object, ...], Budget] = {}
         return [_block(ex, spec, dtype, budgets) for spec in specs]
 
     starts = range(0, t2.shape[0], step)
@@ -390,58 +359,6 @@ def reference(
     else:
         per_block = [work(s) for s in starts]
     return {spec: _combine(spec, [b[i] for b in per_block], teacher.shape) for i, spec in enumerate(specs)}
-
-
-# ------------------------------------------------------------------------------------ frameworks
-
-
-def _torch_tensor(torch: Any, x: NDArray[np.generic]) -> Any:
-    """The array as a CPU tensor sharing its memory (bfloat16 through an int16 view)."""
-    if x.dtype.name == "bfloat16":
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(x)
-
-
-def _run_torch(
-    api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float
-) -> dict[str, Output]:
-    """``TorchAdapter.run`` on contiguous CPU tensors, for ``api.reductions``, without the float64 copies."""
-    import torch
-
-    fn = torch.nn.functional
-    t, s = _torch_tensor(torch, teacher), _torch_tensor(torch, student)
-    log_target = bool(api.option("log_target", False))
-    inp = fn.log_softmax(s / temperature, dim=-1)
-    tgt = fn.log_softmax(t / temperature, dim=-1) if log_target else fn.softmax(t / temperature, dim=-1)
-    out: dict[str, Output] = {}
-    for red in api.reductions:
-        res, caught = torch_loss(api, red, inp, tgt)
-        out[red] = Output(value=to_float64(res),
-                          dtype=str(res.dtype).removeprefix("torch."), warnings=caught)  # fmt: skip
-    return out
-
-
-def _run_keras(
-    api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float
-) -> dict[str, Output]:
-    """``KerasAdapter.run`` on the CPU for ``api.reductions``, converting the arrays without widening."""
-    import keras
-    import tensorflow as tf
-
-    if teacher.dtype.name not in ("float16", "float32", "float64"):
-        raise ValueError(f"the scale tier runs Keras on float16/32/64 arrays; got {teacher.dtype.name}")
-    out: dict[str, Output] = {}
-    with tf.device("/CPU:0"):
-        y_true = tf.nn.softmax(tf.constant(teacher) / temperature, axis=-1)
-        y_pred = tf.nn.softmax(tf.constant(student) / temperature, axis=-1)
-        for red in api.reductions:
-            res = keras_loss(keras, api, red, y_true, y_pred)
-            out[red] = Output(value=np.asarray(res.numpy()).astype(np.float64), dtype=res.dtype.name)
-    return out
-
-
-Runner = Callable[[Api, NDArray[np.generic], NDArray[np.generic], float], dict[str, Output]]
-RUNNERS: Final[dict[str, Runner]] = {"torch": _run_torch, "tensorflow": _run_keras}
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -490,7 +407,7 @@ def estimate_bytes(cell: ScaleCell, workers: int | None = None) -> int:
     """Peak memory of one scale cell: inputs + framework temporaries + reference blocks + margin."""
     n = cell.case.size
     inputs = 2 * n * dtype_info(cell.dtype).numpy.itemsize
-    framework = FRAMEWORK_ARRAYS[cell.framework] * n * dtype_info(cell.compute).numpy.itemsize
+    framework = REGISTRY[cell.framework].scale_arrays * n * dtype_info(cell.compute).numpy.itemsize
     step = block_rows(cell.case.classes)
     oracle = (workers or _oracle_threads()) * ORACLE_BLOCK_ARRAYS * 8 * step * cell.case.classes
     return int(inputs + framework + oracle + MARGIN_BYTES)
@@ -621,7 +538,7 @@ def run_cell(
     input_bytes = teacher.nbytes + student.nbytes
     rss0, reset = _status("VmRSS"), _reset_peak_rss()
     clock = time.perf_counter()
-    outputs = RUNNERS[cell.framework](cell.api, teacher, student, cell.case.temperature)
+    outputs = REGISTRY[cell.framework].run_scale(cell.api, teacher, student, cell.case.temperature)
     secs["framework"] = time.perf_counter() - clock
     hwm, rss1 = _status("VmHWM"), _status("VmRSS")
     fw_peak = hwm - rss0 if reset and hwm is not None and rss0 is not None else None
@@ -653,7 +570,7 @@ def judge(cell: ScaleCell, shift: int, ref: Reference, outputs: dict[str, Output
     known = list(ref.known)
     expected, overflowed = checks.within_result_range(ref.expected)
     if overflowed:
-        known.append("dtype.result_overflow")
+        known.append(RESULT_OVERFLOW)
     expected = checks.accept_inf_where_allowed(expected, outputs)
     results = []
     for red, exp in expected.items():
@@ -667,7 +584,7 @@ def judge(cell: ScaleCell, shift: int, ref: Reference, outputs: dict[str, Output
             res.fail(f"result dtype {out.dtype}, expected {exp.dtype}")
         warned = any(exp.must_warn in w for w in out.warnings) if exp.must_warn else False
         if exp.must_warn and not warned:
-            res.fail(f"expected torch's UserWarning containing {exp.must_warn!r}; none was raised")
+            res.fail(f"expected the API's warning containing {exp.must_warn!r}; none was raised")
         if not exp.must_warn and out.warnings:
             res.fail(f"unexpected warning: {out.warnings[0]}")
         checks._judge_meaning(res, exp, known)

@@ -266,32 +266,14 @@ def same_sum(dtype: str, n: int, abs_sum: float) -> float:
     return (math.log2(max(n, 2)) + 2.0) * dtype_info(dtype).unit_roundoff * abs_sum
 
 
-#: Lanes of the vectors torch's CPU softmax / log_softmax backward accumulates a row sum in (AVX2
-#: float32; AVX-512's 16 lanes only halve the sequential part, CUDA's block reductions are trees).
-TORCH_SUM_LANES: Final = 8
-
-
-#: Eigen's tree reduction: leaf size, and the fewest lanes of a packet (float64 under AVX2).
-EIGEN_LEAF: Final = 1024
-EIGEN_LANES: Final = 4
-
-
 def class_sum_roundings(framework: str, n: int) -> float:
-    """Roundings (first order, relative to the sum of |terms|) of a backward kernel's sum over n classes.
+    """Roundings (first order, relative to the sum of |terms|) of a backward kernel's sum over n classes:
+    the framework adapter's ``class_sum_roundings`` (its kernels' reduction structure, measured); for
+    anything else (NumPy) pairwise, log2 n + 1."""
+    from klparity.frameworks import REGISTRY  # lazily: the adapters are not needed for the forward table
 
-    torch's CPU kernels reduce a row with ``vec::reduce_all``: sequentially over vectors of
-    ``TORCH_SUM_LANES`` lanes, then a tree over the lanes, so ceil(n / 8) + 3 roundings, not log2 n
-    (measured: a uniform target over 32000 classes puts a 2e-5 relative error on the float32 sum).
-    TensorFlow (Eigen's inner-most reducer) sums leaves of ``EIGEN_LEAF`` elements sequentially over
-    packets of at least ``EIGEN_LANES`` lanes, then the leaves pairwise (measured: 140 u on a float64
-    sum over 32000 classes). Anything else is taken as pairwise: log2 n + 1.
-    """
-    if framework == "torch":
-        return math.ceil(n / TORCH_SUM_LANES) + math.log2(TORCH_SUM_LANES)
-    if framework == "tensorflow":
-        leaves = max(n / EIGEN_LEAF, 1.0)
-        return math.ceil(min(n, EIGEN_LEAF) / EIGEN_LANES) + math.log2(EIGEN_LANES) + math.log2(leaves)
-    return math.log2(max(n, 2)) + 1.0
+    adapter = REGISTRY.get(framework)
+    return adapter.class_sum_roundings(n) if adapter else math.log2(max(n, 2)) + 1.0
 
 
 def grad_table_row(framework: str, dtype: str) -> Row:

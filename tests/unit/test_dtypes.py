@@ -197,6 +197,14 @@ def _jax_cast(x: np.ndarray, name: str) -> np.ndarray:
 FLUSHES_SUBNORMALS = {("tensorflow", "bfloat16"), ("tensorflow", "float32"), ("jax", "bfloat16"), ("jax", "float32")}
 
 
+#: (framework, dtype) whose float64 cast rounds once (float64 -> float16 directly) on CPUs with AVX512-FP16
+#: and twice (through float32) elsewhere: XLA:CPU emits the ISA's direct conversion where it exists
+#: (measured: a Xeon with avx512_fp16 rounds 1.61083983 to 1.61035156, the correctly rounded float16, where
+#: through float32 it ties up to 1.61132812). Either is a faithful cast; the suite never lets a framework
+#: cast its inputs (``round_to`` does), so the verdict does not depend on it, and this test must not either.
+ROUNDS_ONCE_ON_SOME_CPUS = {("jax", "float16")}
+
+
 def _same_values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Elementwise: both NaN, or the same bits (so -0.0 differs from 0.0)."""
     return (np.isnan(a) & np.isnan(b)) | (a.view(np.uint64) == b.view(np.uint64))
@@ -212,6 +220,8 @@ def test_round_to_equals_the_frameworks_own_cast(framework: str, name: str) -> N
     mine = dtypes.widen(dtypes.round_to(x, name))
     theirs = cast(x, name)
     same = _same_values(mine, theirs)
+    if (framework, name) in ROUNDS_ONCE_ON_SOME_CPUS:
+        same |= _same_values(x.astype(np.float16).astype(np.float64), theirs)
     if (framework, name) in FLUSHES_SUBNORMALS:
         tiny = (x != 0) & (np.abs(x) < dtypes.dtype_info("float32").smallest_normal)
         assert tiny.sum() > 50

@@ -16,16 +16,11 @@ import numpy as np
 import pytest
 
 from klparity import goldens, oracle
+from klparity.apis import SPECS
+from klparity.apis.keras_kl_divergence import clip_passes, keras_clip_grad_gap_bound, keras_grads
+from klparity.apis.torch_kl_div import torch_grads
 from klparity.checks import Exact
-from klparity.gradients import (
-    clip_passes,
-    exact_student_grad,
-    exact_teacher_grad,
-    grad_scale,
-    keras_clip_grad_gap_bound,
-    keras_grads,
-    torch_grads,
-)
+from klparity.exact_grads import exact_student_grad, exact_teacher_grad
 from klparity.tolerances import GradBudget, grad_budget, subnormal_error
 
 F64 = np.ndarray
@@ -258,14 +253,15 @@ def test_exact_teacher_gradient_sums_to_zero_and_vanishes_at_p_equal_q() -> None
     ],
 )  # fmt: skip
 def test_reduction_scales(semantics: str, reduction: str, shape: tuple[int, ...], divisor: int) -> None:
-    assert grad_scale(semantics, reduction, shape) == 1.0 / divisor
+    assert SPECS[semantics].grad_scale(reduction, shape) == 1.0 / divisor
 
 
 def test_unknown_reduction_or_semantics_raise() -> None:
     with pytest.raises(ValueError, match="unknown torch reduction"):
-        grad_scale("torch", "sum_over_batch_size", (2, 3))
-    with pytest.raises(ValueError, match="no gradient semantics"):
-        grad_scale("optax", "none", (2, 3))
+        SPECS["torch"].grad_scale("sum_over_batch_size", (2, 3))
+    assert not SPECS["optax"].has_gradients()  # its gradient cells are not collected
+    with pytest.raises(NotImplementedError):
+        SPECS["optax"].grad_scale("none", (2, 3))
 
 
 def test_budget_grows_with_the_scale_and_the_dtype() -> None:

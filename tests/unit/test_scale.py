@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from klparity import checks, grid, oracle, scale
+from klparity import apis, checks, grid, oracle, scale
+from klparity.apis.base import Expectation
 from klparity.cases import Case
 from klparity.checks import Exact
 from klparity.dtypes import round_to, widen
-from klparity.frameworks import REGISTRY, Output
+from klparity.frameworks import REGISTRY, Api, Output
 from klparity.tolerances import budget
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,15 +36,11 @@ def _small_cells() -> list[scale.ScaleCell]:
     return scale.cells(grid.Selection(), cases=(SMALL,))
 
 
-def _unchunked(cell: scale.ScaleCell) -> dict[str, checks.Expectation]:
-    """``checks.run_cell``'s expectations on the whole arrays."""
+def _unchunked(cell: scale.ScaleCell) -> dict[str, Expectation]:
+    """``checks.run_cell``'s expectations on the whole arrays (the API spec's ``expectations``)."""
     t, s = scale.logits(cell.case, cell.dtype)
     ex = Exact.of(widen(t), widen(s), cell.case.temperature)
-    if cell.api.semantics == "torch":
-        bud = budget(framework=cell.framework, input_dtype=cell.dtype, compute_dtype=cell.compute, p=ex.p, q=ex.q,
-                     zt=ex.zt, zs=ex.zs, student_is_probability=False, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
-        return checks._torch_expectations(cell.api, ex, bud, cell.compute)
-    return checks._keras_expectations(cell.api, ex, cell.dtype, cell.compute, cell.framework)[0]
+    return apis.spec(cell.api).expectations(cell.api, ex, cell.dtype, cell.compute, cell.framework)[0]
 
 
 def _chunked(cell: scale.ScaleCell) -> scale.Reference:
@@ -91,17 +88,21 @@ def test_budget_total_of_blocks_is_the_budget_of_the_whole_sum() -> None:
     assert naive < whole.total() * (1 - 1e-3)
 
 
+TORCH_API = Api("torch", "torch.nn.functional.kl_div", "torch", ("sum",))
+KERAS_API = Api("tensorflow", "keras.losses.KLDivergence", "keras", ("sum",))
+
+
 def test_divisors_are_the_oracle_reductions() -> None:
     pw = np.random.default_rng(0).random((2, 3, 5))
     for red in ("sum", "mean", "batchmean", "default"):
-        name, div = scale.divisor("torch", red, pw.shape)
+        name, div = scale.divisor(TORCH_API, red, pw.shape)
         assert float(oracle.torch_reduce(pw, name)) == pytest.approx(float(np.sum(pw)) / div, rel=REL)
     rows = pw.sum(axis=-1)
     for red in ("sum", "sum_over_batch_size", "default"):
-        name, div = scale.divisor("keras", red, pw.shape)
+        name, div = scale.divisor(KERAS_API, red, pw.shape)
         assert float(oracle.keras_reduce(rows, name)) == pytest.approx(float(np.sum(rows)) / div, rel=REL)
     with pytest.raises(ValueError, match="not checked at scale"):
-        scale.divisor("torch", "none", pw.shape)
+        scale.divisor(TORCH_API, "none", pw.shape)
 
 
 @pytest.mark.parametrize("cell", _small_cells(), ids=lambda c: c.id)

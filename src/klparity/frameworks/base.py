@@ -6,19 +6,21 @@ methods), so that listing, collecting and skipping cost nothing when the framewo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import math
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 F64 = NDArray[np.float64]
-Semantics = Literal["torch", "keras", "optax"]
 DEVICES = ("cpu", "gpu")
 LAYOUTS = ("contiguous", "transposed", "strided")
 
@@ -33,7 +35,7 @@ class Api:
 
     framework: str
     entry: str  #: e.g. ``torch.nn.KLDivLoss``
-    semantics: Semantics
+    semantics: str  #: the key of its spec in ``klparity.apis.SPECS``
     reductions: tuple[str, ...]
     options: tuple[tuple[str, object], ...] = ()
 
@@ -122,6 +124,20 @@ class Adapter(ABC):
     #: takes the next piece) while the forward cells and goldens of a dtype share compiled programs
     fine_groups: ClassVar[bool] = False
     layouts: ClassVar[tuple[str, ...]] = ("contiguous",)
+    #: modules whose import in a loss file names this framework (``klparity check`` infers it)
+    import_names: ClassVar[tuple[str, ...]] = ()
+    #: the documented difference a user's probability-space loss may show and still be right (the
+    #: framework's own loss clips probabilities), or None
+    user_losses_clip: ClassVar[str | None] = None
+    #: (module path, abbreviation) pairs for figure labels
+    short_names: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: matplotlib line style of the framework in figures
+    plot_style: ClassVar[str] = "o-"
+    #: (API, dtypes) the scale tier checks (``run_scale``); none by default
+    scale_apis: ClassVar[tuple[tuple[Api, tuple[str, ...]], ...]] = ()
+    #: arrays of the inputs' size the framework holds at its peak beyond the two inputs (scale tier's
+    #: memory estimate, measured)
+    scale_arrays: ClassVar[float] = 0.0
 
     def available(self) -> bool:
         """Installed? Checked without importing the framework."""
@@ -134,9 +150,18 @@ class Adapter(ABC):
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
+    def version_label(self) -> str:
+        """The version as reports and pinned-fact messages print it, e.g. ``torch 2.13.0``."""
+        return f"{self.name} {self.version()}"
+
     def missing_reason(self) -> str:
         """Skip reason when the framework is absent, naming the extra to install."""
         return f"{self.name} is not installed: pip install 'klparity[{self.extra}]'"
+
+    def class_sum_roundings(self, n: int) -> float:
+        """Roundings (first order, relative to the sum of |terms|) of a backward kernel's sum over n
+        classes; taken as pairwise unless the adapter knows its kernels: log2 n + 1."""
+        return math.log2(max(n, 2)) + 1.0
 
     @abstractmethod
     def devices(self) -> tuple[str, ...]:
@@ -165,6 +190,33 @@ class Adapter(ABC):
         layout: str,
     ) -> dict[str, Output]:
         """Evaluate every reduction of ``api``; see the class docstring."""
+
+    def run_scale(
+        self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float
+    ) -> dict[str, Output]:
+        """``run`` on contiguous CPU arrays of up to 2**28 elements, without float64 copies (scale tier)."""
+        raise NotImplementedError(f"the {self.name} adapter has no scale-tier runner")
+
+    def run_user_loss(
+        self,
+        call: Callable[[Any, Any, Any], Any],
+        takes: str,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        key: Hashable = None,
+    ) -> tuple[F64, F64 | None, str]:
+        """Call a user's loss as a training step would: ``call(student, teacher, temperature)`` on the
+        logits converted exactly (``takes``: ``logits``, or ``probs`` / ``log_probs`` of logits / T computed
+        in the framework); return its value and d sum(value) / d student logits (None: no gradient
+        reached them), widened to float64, and the value's dtype. ``key`` identifies the loss for any
+        compilation cache. Used by ``klparity check``."""
+        raise NotImplementedError(f"the {self.name} adapter does not run user losses")
+
+    @contextlib.contextmanager
+    def small_work(self) -> Iterator[None]:
+        """Settings for many tiny calls (a user-loss check): by default none."""
+        yield
 
     def run_grad(
         self,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 from typing import Any, ClassVar, Final
@@ -46,6 +46,9 @@ class JaxAdapter(Adapter):
     distribution = "jax"
     extra = "jax"
     id_prefixes = ("jax", "optax")
+    import_names = ("jax", "optax", "flax")
+    short_names = (("optax.losses.", "optax."),)
+    plot_style = "^:"
     fine_groups = True  # cost is ~35 ms per program (shape, dtype) with a warm cache; the import ~0.6 s
     dtypes = ("float16", "bfloat16", "float32", "float64")
     _mods: tuple[ModuleType, ModuleType] | None = None
@@ -192,3 +195,51 @@ class JaxAdapter(Adapter):
             value = np.asarray(res).astype(np.float64)
             res_dtype = str(res.dtype)
         return {"none": Output(value=value, dtype=res_dtype, warnings=tuple(str(w.message) for w in caught))}
+
+    def _user_step(self, call: Callable[[Any, Any, Any], Any], takes: str, jit: bool) -> Callable[..., Any]:
+        """(value, d sum(value) / d student) of a user's loss, as one function of (student, teacher, T)."""
+        jax, _ = self._jax()
+
+        def step(ss: Any, tt: Any, temperature: Any) -> tuple[Any, Any]:
+            def loss(ss: Any) -> Any:
+                fs, ft = ss, tt
+                if takes == "probs":
+                    fs, ft = jax.nn.softmax(ss / temperature, axis=-1), jax.nn.softmax(tt / temperature, axis=-1)
+                elif takes == "log_probs":
+                    fs = jax.nn.log_softmax(ss / temperature, axis=-1)
+                    ft = jax.nn.log_softmax(tt / temperature, axis=-1)
+                return call(fs, ft, temperature)
+
+            out, vjp = jax.vjp(loss, ss)
+            (g,) = vjp(jax.numpy.ones_like(out))
+            return out, g
+
+        return jax.jit(step) if jit else step
+
+    def run_user_loss(
+        self,
+        call: Callable[[Any, Any, Any], Any],
+        takes: str,
+        teacher: NDArray[np.generic],
+        student: NDArray[np.generic],
+        temperature: float,
+        key: Hashable = None,
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None, str]:
+        """Jitted as a training step is, the temperature traced (one compilation per shape and dtype, kept for
+        the loss ``key``); a loss that needs a concrete temperature (Python control flow on it) runs eagerly."""
+        jax, _ = self._jax()
+        with jax.enable_x64(str(teacher.dtype) == "float64"):
+            tt, ss = jax.numpy.asarray(teacher), jax.numpy.asarray(student)
+            cache_key = (key if key is not None else call, takes)
+            if cache_key not in _USER_STEPS:
+                _USER_STEPS.clear()  # one loss at a time: do not keep compiled user code alive
+                _USER_STEPS[cache_key] = self._user_step(call, takes, jit=True)
+            try:
+                out, g = _USER_STEPS[cache_key](ss, tt, temperature)
+            except jax.errors.ConcretizationTypeError:  # also TracerBoolConversionError
+                out, g = self._user_step(call, takes, jit=False)(ss, tt, temperature)
+            return np.asarray(out).astype(np.float64), np.asarray(g).astype(np.float64), str(out.dtype)
+
+
+#: the jitted step of the user loss being checked (``JaxAdapter.run_user_loss``)
+_USER_STEPS: dict[Hashable, Callable[..., Any]] = {}

@@ -1,0 +1,198 @@
+"""The contract of an API spec: everything the engine needs to know about one KL API, in one place.
+
+A spec (one per ``Api.semantics``) holds the API's pointwise formula and reductions evaluated exactly
+(``expectations``), its documented differences from the exact KL with the predicates that say where
+they apply (``differences``, ``known_differences``), its result-range quirks (``adjust``), the warning
+it must raise, how it reduces its own unreduced output (reduction consistency), its hand-derived
+gradient (``grad_model``, ``grad_scale``), and the modules that hold its pinned facts and its
+mutants. Its tolerance rows stay in ``klparity.tolerances.TABLE``, keyed by framework and dtype. The
+engine (``checks``, ``gradients``, ``scale``) asks the spec and names no framework or API itself.
+Adding an API: one spec module, one line in ``klparity.apis.SPECS``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from klparity.dtypes import dtype_info
+from klparity.frameworks.base import Api, GradOutput
+from klparity.tolerances import Budget, GradBudget
+
+if TYPE_CHECKING:
+    from klparity.checks import Exact
+
+F64 = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What one reduction of an API must return, how close, and what the exact KL says."""
+
+    value: F64
+    tolerance: F64 | float
+    exact: F64
+    gap_bound: F64 | float | None  #: derived bound on |value - exact|, or None (must be equal)
+    dtype: str
+    must_warn: str | None
+    #: rows where +inf is accepted too: whether an underflow happens there is within rounding error
+    inf_allowed: NDArray[np.bool_] | None = None
+    #: entries where NaN is accepted too (an underflow to 0 meeting -inf, within rounding error)
+    nan_allowed: NDArray[np.bool_] | None = None
+
+
+@dataclass(frozen=True)
+class GradModel:
+    """What one cell's gradients must be: values at scale 1 and the pattern for a given output."""
+
+    student: F64  #: formula value from the exact probabilities, scale 1
+    teacher: F64
+    exact_student: F64  #: exact gradient, scale 1
+    exact_teacher: F64
+    budget: GradBudget
+    gap_bound: F64 | None  #: bound on |formula - exact| of d/ds (Keras), scale 1
+    pattern: Callable[[GradOutput, float], tuple[F64, F64]]  #: formula on the seen values
+    differences: Callable[[GradOutput], list[str]]
+
+
+def rounding_band(ex: Exact, dtype: str) -> F64:
+    """Relative error of a probability computed in ``dtype`` (the softmax stage of the error model)."""
+    u = dtype_info(dtype).unit_roundoff
+    with np.errstate(invalid="ignore"):
+        mt = np.max(np.where(np.isfinite(ex.zt), np.abs(ex.zt), 0.0), axis=-1, keepdims=True)
+        rho = np.where(np.isfinite(ex.zt), np.abs(ex.zt), 0.0) + mt + math.log2(max(ex.p.shape[-1], 2)) + 1.0
+    return np.asarray(np.minimum(0.5, 4.0 * u * rho), np.float64)
+
+
+def underflow_meets_student_inf(
+    ex: Exact, dtype: str, flushes: bool = False
+) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """Classes where the student is -inf and the teacher's mass underflows to 0 in ``dtype``.
+
+    There torch (and optax) compute 0 * inf = NaN where the exact KL is +inf. Returns (surely, maybe):
+    the probability is below half the smallest subnormal even after its rounding error, or near it
+    (up to the smallest normal number when the backend ``flushes`` subnormals to zero).
+    """
+    info = dtype_info(dtype)
+    half = 0.5 * info.smallest_subnormal
+    top = info.smallest_normal if flushes else half
+    band = rounding_band(ex, dtype)
+    student_inf = (ex.lq == -np.inf) & (ex.p > 0)
+    surely = student_inf & (ex.p * (1.0 + band) < half)
+    maybe = student_inf & ~surely & (ex.p * (1.0 - band) <= top)
+    return surely, maybe
+
+
+def overflow_masks(value: F64, tol: F64 | float, dtype: str) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """(surely, maybe): |value| beyond the dtype's rounding boundary to inf, beyond any doubt or within ``tol``."""
+    info = dtype_info(dtype)
+    boundary = info.max * (1.0 + info.unit_roundoff)
+    value = np.asarray(value, np.float64)
+    tol_a = np.broadcast_to(np.asarray(tol, np.float64), value.shape)
+    with np.errstate(invalid="ignore"):
+        surely = np.isfinite(value) & (np.abs(value) - tol_a >= boundary)
+        maybe = np.isfinite(value) & ~surely & (np.abs(value) + tol_a >= boundary)
+    return surely, maybe
+
+
+class ApiSpec:
+    """One KL API's semantics (see the module docstring); the defaults fit an API without them.
+
+    ``semantics``: the ``Api.semantics`` key; ``differences`` / ``grad_differences``: documented
+    differences from the exact KL and its gradient (name -> what and why); ``facts`` / ``mutants``:
+    modules registering its pinned facts and its mutants when imported.
+    """
+
+    semantics: ClassVar[str]
+    differences: ClassVar[dict[str, str]] = {}
+    grad_differences: ClassVar[dict[str, str]] = {}
+    facts: ClassVar[str | None] = None
+    mutants: ClassVar[str | None] = None
+    #: its ``'none'`` reduction returns one value per class (pointwise), not one per row
+    none_is_elementwise: ClassVar[bool] = False
+    #: the reduction label ``'default'`` stands for
+    default_reduction: ClassVar[str] = "none"
+    #: entry points whose gradient cells run in the full tier only
+    full_tier_only_grad_entries: ClassVar[tuple[str, ...]] = ()
+
+    def expectations(self, api: Api, ex: Exact, dtype: str, compute: str,
+                     framework: str) -> tuple[dict[str, Expectation], Budget]:  # fmt: skip
+        """Per reduction of ``api``: what it must return for the case ``ex`` (inputs rounded to ``dtype``,
+        computed in ``compute``), how close, and the exact KL reduced the same way; and the error budget."""
+        raise NotImplementedError
+
+    def expectations_shared(
+        self, api: Api, ex: Exact, dtype: str, compute: str, framework: str, shared: dict[tuple[object, ...], Budget]
+    ) -> tuple[dict[str, Expectation], Budget]:
+        """``expectations``, where APIs of one spec may share work through ``shared`` (the scale tier's
+        row blocks: one budget for several variants of an API)."""
+        return self.expectations(api, ex, dtype, compute, framework)
+
+    def known_differences(self, api: Api, ex: Exact, compute: str) -> list[str]:
+        """The documented differences whose condition holds for this case and API."""
+        return []
+
+    def adjust(self, expected: dict[str, Expectation]) -> tuple[dict[str, Expectation], bool]:
+        """API-specific result-range behaviour (e.g. a sum rounded before dividing); True when it applied."""
+        return expected, False
+
+    def warning(self, reduction: str) -> str | None:
+        """Text of the warning the API must raise for ``reduction`` (None: it must raise none)."""
+        return None
+
+    # ---------------------------------------------------------------- reduction consistency
+
+    def reduces_own_output(self) -> bool:
+        """Its reductions are checked against its own unreduced (``'none'``) output."""
+        return False
+
+    def reduce(self, pointwise: F64, reduction: str) -> F64:
+        """The API's reduction of its own unreduced output, exactly (``reduction`` already resolved)."""
+        raise NotImplementedError
+
+    def divisor(self, reduction: str, pointwise_shape: tuple[int, ...]) -> int:
+        """What ``reduce`` divides the sum of its unreduced output by."""
+        return 1 if reduction == "sum" else math.prod(pointwise_shape)
+
+    def sum_rounded_first(self, reduction: str) -> bool:
+        """The reduction rounds the sum to the result dtype before dividing (it overflows with the sum)."""
+        return False
+
+    def resolve(self, reduction: str) -> str:
+        """The reduction a label means (``'default'`` -> ``default_reduction``)."""
+        return self.default_reduction if reduction == "default" else reduction
+
+    # ---------------------------------------------------------------------------- gradients
+
+    def has_gradients(self) -> bool:
+        """``grad_model`` is implemented."""
+        return type(self).grad_model is not ApiSpec.grad_model
+
+    def grad_model(self, api: Api, ex: Exact, first: GradOutput, dtype: str, compute: str,
+                   framework: str) -> GradModel:  # fmt: skip
+        """What the API's gradients must be for the case ``ex`` (``first``: one reduction's output, for the
+        values the API saw)."""
+        raise NotImplementedError
+
+    def grad_divisor(self, reduction: str, shape: tuple[int, ...]) -> int:
+        """What a reduction divides the gradient of the summed loss by, on logits of ``shape``."""
+        raise NotImplementedError
+
+    def grad_scale(self, reduction: str, shape: tuple[int, ...]) -> float:
+        """Factor a reduction applies to the gradient of the summed loss ('none' differentiates the sum)."""
+        return 1.0 / self.grad_divisor(reduction, shape)
+
+    def grad_difference_applies(self, name: str, wrt: str) -> bool:
+        """The documented gradient difference ``name`` can explain a gap in d/d``wrt``."""
+        return True
+
+    # ------------------------------------------------------------------------------ scale tier
+
+    def scale_divisor(self, reduction: str, shape: tuple[int, ...]) -> tuple[str, int]:
+        """(reduction name, divisor) of a reduction label on the total over ``shape`` (scale tier)."""
+        raise ValueError(f"no scale reference for {self.semantics!r} semantics")
