@@ -42,6 +42,9 @@ from numpy.typing import NDArray
 
 from klparity.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
 
+#: Suffix of the API id of every result judged against the goldens.
+TAG: Final = " vs goldens"
+
 F64 = NDArray[np.float64]
 
 SCHEMA: Final = "klparity-goldens/1"

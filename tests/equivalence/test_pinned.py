@@ -2,6 +2,5 @@
 
 from klparity.suite.test_pinned import (  # noqa: F401  (re-exported for collection)
     pytest_generate_tests,
-    test_a_fact_that_stops_holding_says_which_old_new_and_version,
     test_pinned_fact,
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -22,10 +22,11 @@ from numpy.typing import NDArray
 
 from klparity.dtypes import dtype_info
 from klparity.frameworks.base import Api, GradOutput
-from klparity.tolerances import Budget, GradBudget
+from klparity.tolerances import Budget, GradBudget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.checks import CheckResult, Exact
+    from klparity.goldens import Golden
 
 F64 = NDArray[np.float64]
 
@@ -98,6 +99,39 @@ def overflow_masks(value: F64, tol: F64 | float, dtype: str) -> tuple[NDArray[np
         surely = np.isfinite(value) & (np.abs(value) - tol_a >= boundary)
         maybe = np.isfinite(value) & ~surely & (np.abs(value) + tol_a >= boundary)
     return surely, maybe
+
+
+@dataclass
+class GoldenExpected:
+    """Reference rows for one API on one golden (``klparity.goldens``), and what differs from the golden and why."""
+
+    rows: F64
+    tol_rows: F64
+    total: float  #: sum of the expected rows (the golden's kl_sum where every row is the golden's)
+    tol_total: float
+    notes: list[str]
+    problems: list[str] = field(default_factory=list)  #: failures found while deriving
+    #: rows that may be +inf instead (the value depends on whether the backend flushes subnormals)
+    either_inf: NDArray[np.bool_] | None = None
+
+
+def with_nan_rows(g: Golden, nan_rows: NDArray[np.bool_]) -> tuple[F64, float]:
+    rows = np.where(nan_rows, np.nan, g.kl)
+    return rows, (math.nan if nan_rows.any() else g.kl_sum)
+
+
+def log_space_golden(g: Golden, ex: Exact, log_target: bool, fw: str, compute: str) -> GoldenExpected:
+    """torch and optax: log q from log_softmax, the target p or log p; NaN quirks on zero targets."""
+    zero_p = ex.lp == -np.inf
+    quirk = zero_p if log_target else zero_p & (ex.lq == -np.inf)
+    nan_rows = quirk.any(axis=-1)
+    rows, total = with_nan_rows(g, nan_rows)
+    bud = budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=ex.p, q=ex.q,
+                            zt=ex.zt, zs=ex.zs, student_is_probability=False, log_p=ex.lp,
+                            log_q=ex.lq)  # fmt: skip
+    where = "zero targets" if log_target else "classes masked on both sides"
+    notes = [f"{int(nan_rows.sum())} rows NaN by the documented 0 * -inf on {where}"] if nan_rows.any() else []
+    return GoldenExpected(rows, bud.rows(), total, bud.total(), notes)
 
 
 class ApiSpec:
@@ -190,6 +224,21 @@ class ApiSpec:
     def grad_difference_applies(self, name: str, wrt: str) -> bool:
         """The documented gradient difference ``name`` can explain a gap in d/d``wrt``."""
         return True
+
+    # --------------------------------------------------------------------------------- goldens
+
+    def golden_expected(self, g: Golden, ex: Exact, api: Api, fw: str, compute: str) -> GoldenExpected:
+        """What ``api`` must return per row and in total on the golden ``g`` (mpmath reference rows)."""
+        raise NotImplementedError(f"no golden expectations for API semantics {self.semantics!r}")
+
+    def golden_reductions(self, api: Api, shape: tuple[int, ...]) -> dict[str, tuple[Callable[[F64], F64] | None, int]]:
+        """Reduction label -> (how its output becomes per-row values, or None for a batch scalar; the
+        divisor of the expected total for that scalar). By default ``'none'``, one value per row."""
+        return {"none": (lambda v: v, 1)}
+
+    def golden_gradient(self, g: Golden, ex: Exact) -> CheckResult | None:
+        """The API's gradient against the golden's (mpmath) gradient, on the CPU; None if not checked."""
+        return None
 
     # ------------------------------------------------------------------------------ scale tier
 

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,9 +35,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from klparity import goldens, oracle, tolerances
+from klparity import apis, goldens
+from klparity.apis.base import GoldenExpected
 from klparity.checks import CheckResult, Exact, compare, overflow_reason
-from klparity.dtypes import dtype_info, round_to, widen
 from klparity.frameworks import REGISTRY, Adapter, Api
 from klparity.plugin import _cell_marks, record, selection
 
@@ -47,7 +45,7 @@ F64 = NDArray[np.float64]
 pytestmark = pytest.mark.equivalence
 
 #: Suffix of the API id in reports, so golden checks form their own rows of the verdict matrix.
-TAG = " vs goldens"
+TAG = goldens.TAG
 
 
 class GoldenCell(NamedTuple):
@@ -104,118 +102,14 @@ def _load(directory: Path) -> dict[str, goldens.Golden]:
 # ------------------------------------------------------------------------- expectations
 
 
-@dataclasses.dataclass
-class Expected:
-    """Reference rows for one API on one golden, and what differs from the golden and why."""
-
-    rows: F64
-    tol_rows: F64
-    total: float  #: sum of the expected rows (the golden's kl_sum where every row is the golden's)
-    tol_total: float
-    notes: list[str]
-    problems: list[str] = dataclasses.field(default_factory=list)  #: failures found while deriving
-    #: rows that may be +inf instead (the value depends on whether the backend flushes subnormals)
-    either_inf: NDArray[np.bool_] | None = None
-
-
-def _with_nan_rows(g: goldens.Golden, nan_rows: NDArray[np.bool_]) -> tuple[F64, float]:
-    rows = np.where(nan_rows, np.nan, g.kl)
-    return rows, (math.nan if nan_rows.any() else g.kl_sum)
-
-
-def _log_space(g: goldens.Golden, ex: Exact, api: Api, fw: str, compute: str) -> Expected:
-    """torch and optax: log q from log_softmax, the target p or log p; NaN quirks on zero targets."""
-    if api.semantics == "torch":
-        log_target = bool(api.option("log_target", False))
-    else:
-        log_target = api.entry.endswith("with_log_targets")
-    zero_p = ex.lp == -np.inf
-    quirk = zero_p if log_target else zero_p & (ex.lq == -np.inf)
-    nan_rows = quirk.any(axis=-1)
-    rows, total = _with_nan_rows(g, nan_rows)
-    bud = tolerances.budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=ex.p, q=ex.q,
-                            zt=ex.zt, zs=ex.zs, student_is_probability=False, log_p=ex.lp,
-                            log_q=ex.lq)  # fmt: skip
-    where = "zero targets" if log_target else "classes masked on both sides"
-    notes = [f"{int(nan_rows.sum())} rows NaN by the documented 0 * -inf on {where}"] if nan_rows.any() else []
-    return Expected(rows, bud.rows(), total, bud.total(), notes)
-
-
-def _rel_entr(g: goldens.Golden, ex: Exact, fw: str, compute: str) -> Expected:
-    """sum(rel_entr(p, q)) on probabilities: +inf where q_j underflows to 0 in the dtype but p_j does
-    not, either +inf or the golden where q_j is subnormal there (flush-to-zero decides), and +inf
-    (not NaN) on a NaN row: JAX's rel_entr has no NaN branch."""
-    p_c, q_c = widen(round_to(ex.p, compute)), widen(round_to(ex.q, compute))
-    nan_rows = np.isnan(g.kl)
-    inf_rows = ((p_c > 0) & (q_c == 0)).any(axis=-1) & ~nan_rows
-    either = ((p_c > 0) & (q_c < dtype_info(compute).smallest_normal)).any(axis=-1) & ~nan_rows & ~inf_rows
-    rows = np.where(inf_rows | nan_rows, np.inf, g.kl)
-    bud = tolerances.budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=ex.p, q=ex.q,
-                            zt=ex.zt, zs=ex.zs, student_is_probability=True, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
-    notes = []
-    if inf_rows.any() or either.any():
-        notes.append(f"jax.rel_entr_underflow_inf: {int(inf_rows.sum())} rows +inf where q underflows {compute} "
-                     f"and p does not, {int(either.sum())} rows +inf or exact (subnormal q)")  # fmt: skip
-    if nan_rows.any():
-        notes.append(f"jax.rel_entr_nan_is_inf: {int(nan_rows.sum())} NaN rows come out +inf")
-    return Expected(rows, bud.rows(), float(np.sum(rows)), bud.total(), notes, either_inf=either)
-
-
-def _keras(g: goldens.Golden, ex: Exact, fw: str, compute: str) -> Expected:
-    """Golden rows where clipping and float16 overflow are inactive, the clipped formula elsewhere."""
-    eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
-    cmax = dtype_info(compute).max
-    pt, qt = np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0)
-    with np.errstate(invalid="ignore"):
-        overflow = (pt / qt > cmax).any(axis=-1)
-    clipped = ((ex.p < eps) | (ex.q < eps)).any(axis=-1) | overflow
-    formula = oracle.keras_kl_divergence(ex.p, ex.q, reduction="none", epsilon=eps, compute_max=cmax)
-    rows = np.where(clipped & ~np.isnan(g.kl), formula, g.kl)
-    bud = tolerances.budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=pt, q=qt,
-                            zt=ex.zt, zs=ex.zs, student_is_probability=True)  # fmt: skip
-    total = g.kl_sum if not clipped.any() else math.fsum(np.ravel(rows))
-    notes, problems = [], []
-    if clipped.any():
-        sel = clipped & np.isfinite(g.kl) & ~overflow
-        with np.errstate(invalid="ignore"):
-            gap = np.abs(formula - g.kl)[sel]
-        bound = oracle.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)[sel]
-        over = ~(gap <= bound + bud.rows()[sel])  # NaN counts as over
-        if over.any():
-            problems.append(f"the clipped formula is {float(np.max(gap[over])):.3g} from the golden, "
-                            f"beyond the derived clipping bound {float(np.max(bound[over])):.3g}")  # fmt: skip
-        largest = float(np.max(gap, initial=0.0))
-        notes.append(f"{int(clipped.sum())} of {clipped.size} rows clipped (or float16 overflow): judged "
-                     f"against the clipped formula, largest gap to the golden {largest:.3g}")  # fmt: skip
-    return Expected(rows, bud.rows(), total, bud.total(), notes, problems)
-
-
-def expected(g: goldens.Golden, api: Api, fw: str, compute: str, ex: Exact | None = None) -> Expected:
-    """What ``api`` must return per row and in total for golden ``g`` (raises for unknown semantics);
-    ``ex``: ``Exact.of`` the golden's inputs, when the caller has it already."""
+def expected(g: goldens.Golden, api: Api, fw: str, compute: str, ex: Exact | None = None) -> GoldenExpected:
+    """What ``api`` must return per row and in total for golden ``g`` (its spec's ``golden_expected``;
+    raises for a spec without one); ``ex``: ``Exact.of`` the golden's inputs, when the caller has it."""
     ex = ex if ex is not None else Exact.of(g.teacher, g.student, g.temperature)
-    if api.semantics == "keras":
-        return _keras(g, ex, fw, compute)
-    if api.semantics == "optax" and api.entry.endswith("rel_entr"):
-        return _rel_entr(g, ex, fw, compute)
-    if api.semantics in ("torch", "optax"):
-        return _log_space(g, ex, api, fw, compute)
-    raise NotImplementedError(f"no golden expectations for API semantics {api.semantics!r}")
+    return apis.spec(api).golden_expected(g, ex, api, fw, compute)
 
 
 # ---------------------------------------------------------------------------------- runs
-
-
-def _reductions(api: Api, shape: tuple[int, ...]) -> dict[str, tuple[Callable[[F64], F64] | None, int]]:
-    """Reduction label -> (how its output becomes per-row values, or None for a batch scalar; the
-    divisor of the expected total for that scalar: torch's batchmean divides by ``input.size(0)``,
-    which is C for 1-D input, Keras's sum_over_batch_size by the number of rows)."""
-    rows = max(math.prod(shape[:-1]), 1)
-    if api.semantics == "torch":
-        return {"none": (lambda v: np.sum(v, axis=-1), 1), "batchmean": (None, shape[0])}
-    if api.semantics == "keras" and "sum_over_batch_size" in api.reductions and len(shape) > 1:
-        return {"none": (lambda v: v, 1), "sum_over_batch_size": (None, rows)}
-    return {"none": (lambda v: v, 1)}
 
 
 def _result(fw: str, api: Api, red: str, g: goldens.Golden, device: str) -> CheckResult:
@@ -227,7 +121,7 @@ def judge(adapter: Adapter, api: Api, g: goldens.Golden, device: str, ex: Exact 
     (``ex``: ``Exact.of`` those inputs, shared by the framework's APIs)."""
     compute = adapter.compute_dtype(api, g.dtype)
     exp = expected(g, api, adapter.name, compute, ex)
-    plan = _reductions(api, g.shape)
+    plan = apis.spec(api).golden_reductions(api, g.shape)
     teacher, student = g.typed()
     outputs = adapter.run(dataclasses.replace(api, reductions=tuple(plan)), teacher, student,
                           g.temperature, device, "contiguous")  # fmt: skip
@@ -251,30 +145,6 @@ def judge(adapter: Adapter, api: Api, g: goldens.Golden, device: str, ex: Exact 
             res.fail(f"result dtype {outputs[red].dtype}, expected {compute}")
         results.append(res)
     return results
-
-
-def torch_gradient(g: goldens.Golden, ex: Exact | None = None) -> CheckResult:
-    """Autograd of ``kl_div(log_softmax(s / T), softmax(t / T), reduction='sum')`` w.r.t. s."""
-    import torch
-
-    api = Api("torch", "torch.autograd.grad", "torch", ("sum",), (("of", "kl_div(reduction=sum)"),))
-    res = _result("torch", api, "d/d student", g, "cpu")
-    tdtype = getattr(torch, g.dtype)
-    # float64 -> dtype is exact: the golden values are representable in dtype
-    t = torch.from_numpy(g.teacher.copy()).to(tdtype)
-    s = torch.from_numpy(g.student.copy()).to(tdtype).requires_grad_(True)
-    fn = torch.nn.functional
-    loss = fn.kl_div(fn.log_softmax(s / g.temperature, dim=-1), fn.softmax(t / g.temperature, dim=-1),
-                     reduction="sum")  # fmt: skip
-    loss.backward()  # type: ignore[no-untyped-call]
-    assert s.grad is not None
-    grad = s.grad.to(torch.float64).numpy()
-    ex = ex if ex is not None else Exact.of(g.teacher, g.student, g.temperature)
-    tol = tolerances.golden_gradient(g.dtype, g.temperature, ex.p, ex.q, ex.lp, ex.lq, ex.zt, ex.zs)
-    compare(res, grad, g.grad, tol)
-    if s.grad.dtype != tdtype:
-        res.fail(f"gradient dtype {s.grad.dtype}, expected {tdtype}")
-    return res
 
 
 def _message(cell: GoldenCell, g: goldens.Golden, results: list[CheckResult]) -> str:
@@ -302,10 +172,13 @@ def test_goldens(golden_cell: GoldenCell, request: pytest.FixtureRequest) -> Non
         pytest.skip(reason)
     results: list[CheckResult] = []
     ex = Exact.of(g.teacher, g.student, g.temperature)
+    specs = []
     for api in adapter.apis(g.dtype):
         results += judge(adapter, api, g, cell.device, ex)
-    if cell.framework == "torch" and cell.device == "cpu":
-        results.append(torch_gradient(g, ex))
+        if apis.spec(api) not in specs:
+            specs.append(apis.spec(api))
+    if cell.device == "cpu":  # each spec's gradient check, once per framework
+        results += [r for r in (s.golden_gradient(g, ex) for s in specs) if r is not None]
     record(results)
     if not all(r.ok for r in results):
         pytest.fail(_message(cell, g, results), pytrace=False)

@@ -8,13 +8,14 @@ clip and the softmax op by op; the derived bound on the clipping gap; documented
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, GradModel, rounding_band
+from klparity.apis.base import ApiSpec, Expectation, GoldenExpected, GradModel, rounding_band
 from klparity.dtypes import dtype_info, round_to, widen
 from klparity.exact_grads import exact_grads, rounded_to, rowsum
 from klparity.frameworks.base import Api, GradOutput
@@ -22,6 +23,7 @@ from klparity.tolerances import Budget, budget, grad_budget
 
 if TYPE_CHECKING:
     from klparity.checks import Exact
+    from klparity.goldens import Golden
 
 F64 = NDArray[np.float64]
 
@@ -221,6 +223,41 @@ class KerasKlDivergence(ApiSpec):
         if r not in table:
             raise ValueError(f"unknown {self.semantics} reduction {reduction!r}")
         return table[r]
+
+
+    def golden_expected(self, g: Golden, ex: Exact, api: Api, fw: str, compute: str) -> GoldenExpected:
+        """Golden rows where clipping and float16 overflow are inactive, the clipped formula elsewhere."""
+        eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+        cmax = dtype_info(compute).max
+        pt, qt = np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0)
+        with np.errstate(invalid="ignore"):
+            overflow = (pt / qt > cmax).any(axis=-1)
+        clipped = ((ex.p < eps) | (ex.q < eps)).any(axis=-1) | overflow
+        formula = oracle.keras_kl_divergence(ex.p, ex.q, reduction="none", epsilon=eps, compute_max=cmax)
+        rows = np.where(clipped & ~np.isnan(g.kl), formula, g.kl)
+        bud = budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=pt, q=qt,
+                                zt=ex.zt, zs=ex.zs, student_is_probability=True)  # fmt: skip
+        total = g.kl_sum if not clipped.any() else math.fsum(np.ravel(rows))
+        notes, problems = [], []
+        if clipped.any():
+            sel = clipped & np.isfinite(g.kl) & ~overflow
+            with np.errstate(invalid="ignore"):
+                gap = np.abs(formula - g.kl)[sel]
+            bound = oracle.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)[sel]
+            over = ~(gap <= bound + bud.rows()[sel])  # NaN counts as over
+            if over.any():
+                problems.append(f"the clipped formula is {float(np.max(gap[over])):.3g} from the golden, "
+                                f"beyond the derived clipping bound {float(np.max(bound[over])):.3g}")  # fmt: skip
+            largest = float(np.max(gap, initial=0.0))
+            notes.append(f"{int(clipped.sum())} of {clipped.size} rows clipped (or float16 overflow): judged "
+                         f"against the clipped formula, largest gap to the golden {largest:.3g}")  # fmt: skip
+        return GoldenExpected(rows, bud.rows(), total, bud.total(), notes, problems)
+
+    def golden_reductions(self, api: Api, shape: tuple[int, ...]) -> dict[str, tuple[Callable[[F64], F64] | None, int]]:
+        """'none' per row, and 'sum_over_batch_size' (÷ rows) where the API has it on a batch."""
+        if "sum_over_batch_size" in api.reductions and len(shape) > 1:
+            return {"none": (lambda v: v, 1), "sum_over_batch_size": (None, max(math.prod(shape[:-1]), 1))}
+        return super().golden_reductions(api, shape)
 
     def scale_divisor(self, reduction: str, shape: tuple[int, ...]) -> tuple[str, int]:
         name = self.resolve(reduction)

@@ -14,8 +14,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, underflow_meets_student_inf
-from klparity.dtypes import dtype_info
+from klparity.apis.base import ApiSpec, Expectation, GoldenExpected, log_space_golden, underflow_meets_student_inf
+from klparity.dtypes import dtype_info, round_to, widen
 from klparity.frameworks.base import Api
 from klparity.frameworks.jax_adapter import KL as OPTAX_KL
 from klparity.frameworks.jax_adapter import KL_LOG_TARGETS as OPTAX_KL_LOG_TARGETS
@@ -24,6 +24,7 @@ from klparity.tolerances import Budget, budget, table_row
 
 if TYPE_CHECKING:
     from klparity.checks import Exact
+    from klparity.goldens import Golden
 
 F64 = NDArray[np.float64]
 
@@ -119,6 +120,32 @@ class OptaxKl(ApiSpec):
 
     def known_differences(self, api: Api, ex: Exact, compute: str) -> list[str]:
         return _optax_differences(api, ex, compute)
+
+    def golden_expected(self, g: Golden, ex: Exact, api: Api, fw: str, compute: str) -> GoldenExpected:
+        """optax's losses as torch's log-space formulas; rel_entr on probabilities (underflow to +inf)."""
+        if api.entry == JAX_REL_ENTR:
+            return _rel_entr_golden(g, ex, fw, compute)
+        return log_space_golden(g, ex, api.entry == OPTAX_KL_LOG_TARGETS, fw, compute)
+
+
+def _rel_entr_golden(g: Golden, ex: Exact, fw: str, compute: str) -> GoldenExpected:
+    """sum(rel_entr(p, q)) on probabilities: +inf where q_j underflows to 0 in the dtype but p_j does
+    not, either +inf or the golden where q_j is subnormal there (flush-to-zero decides), and +inf
+    (not NaN) on a NaN row: JAX's rel_entr has no NaN branch."""
+    p_c, q_c = widen(round_to(ex.p, compute)), widen(round_to(ex.q, compute))
+    nan_rows = np.isnan(g.kl)
+    inf_rows = ((p_c > 0) & (q_c == 0)).any(axis=-1) & ~nan_rows
+    either = ((p_c > 0) & (q_c < dtype_info(compute).smallest_normal)).any(axis=-1) & ~nan_rows & ~inf_rows
+    rows = np.where(inf_rows | nan_rows, np.inf, g.kl)
+    bud = budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=ex.p, q=ex.q,
+                            zt=ex.zt, zs=ex.zs, student_is_probability=True, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
+    notes = []
+    if inf_rows.any() or either.any():
+        notes.append(f"jax.rel_entr_underflow_inf: {int(inf_rows.sum())} rows +inf where q underflows {compute} "
+                     f"and p does not, {int(either.sum())} rows +inf or exact (subnormal q)")  # fmt: skip
+    if nan_rows.any():
+        notes.append(f"jax.rel_entr_nan_is_inf: {int(nan_rows.sum())} NaN rows come out +inf")
+    return GoldenExpected(rows, bud.rows(), float(np.sum(rows)), bud.total(), notes, either_inf=either)
 
 
 def _optax_expectations(

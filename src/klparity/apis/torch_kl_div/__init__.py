@@ -8,26 +8,31 @@ element, with a UserWarning) / ``batchmean`` (÷ size(0), the sum rounded first)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
+from klparity import oracle, tolerances
 from klparity.apis.base import (
     ApiSpec,
     Expectation,
+    GoldenExpected,
     GradModel,
+    log_space_golden,
     overflow_masks,
     underflow_meets_student_inf,
 )
 from klparity.exact_grads import exact_grads, exp_in, rowsum
 from klparity.frameworks.base import Api, GradOutput
+from klparity.goldens import TAG
 from klparity.tolerances import Budget, budget, grad_budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.checks import CheckResult, Exact
+    from klparity.goldens import Golden
 
 F64 = NDArray[np.float64]
 
@@ -221,6 +226,38 @@ class TorchKlDiv(ApiSpec):
     def grad_difference_applies(self, name: str, wrt: str) -> bool:
         """torch's gradient differences are all in d/d target: they explain no gap in d/d student."""
         return wrt == "teacher" or name not in self.grad_differences
+
+    def golden_expected(self, g: Golden, ex: Exact, api: Api, fw: str, compute: str) -> GoldenExpected:
+        """log q from log_softmax, the target p or log p; NaN on zero targets as documented."""
+        return log_space_golden(g, ex, bool(api.option("log_target", False)), fw, compute)
+
+    def golden_reductions(self, api: Api, shape: tuple[int, ...]) -> dict[str, tuple[Callable[[F64], F64] | None, int]]:
+        """'none' summed over classes per row, and 'batchmean' (÷ input.size(0): C for 1-D input)."""
+        return {"none": (lambda v: np.sum(v, axis=-1), 1), "batchmean": (None, shape[0])}
+
+    def golden_gradient(self, g: Golden, ex: Exact) -> CheckResult | None:
+        """Autograd of ``kl_div(log_softmax(s / T), softmax(t / T), reduction='sum')`` w.r.t. s."""
+        import torch
+
+        from klparity import checks  # lazily: the engine imports the specs
+
+        api = Api("torch", "torch.autograd.grad", "torch", ("sum",), (("of", "kl_div(reduction=sum)"),))
+        res = checks.CheckResult("torch", api.id + TAG, "d/d student", g.dtype, "cpu", "contiguous", g.id, 0)
+        tdtype = getattr(torch, g.dtype)
+        # float64 -> dtype is exact: the golden values are representable in dtype
+        t = torch.from_numpy(g.teacher.copy()).to(tdtype)
+        s = torch.from_numpy(g.student.copy()).to(tdtype).requires_grad_(True)
+        fn = torch.nn.functional
+        loss = fn.kl_div(fn.log_softmax(s / g.temperature, dim=-1), fn.softmax(t / g.temperature, dim=-1),
+                         reduction="sum")  # fmt: skip
+        loss.backward()  # type: ignore[no-untyped-call]
+        assert s.grad is not None
+        grad = s.grad.to(torch.float64).numpy()
+        tol = tolerances.golden_gradient(g.dtype, g.temperature, ex.p, ex.q, ex.lp, ex.lq, ex.zt, ex.zs)
+        checks.compare(res, grad, g.grad, tol)
+        if s.grad.dtype != tdtype:
+            res.fail(f"gradient dtype {s.grad.dtype}, expected {tdtype}")
+        return res
 
     def scale_divisor(self, reduction: str, shape: tuple[int, ...]) -> tuple[str, int]:
         name = self.resolve(reduction)
