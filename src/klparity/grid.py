@@ -105,10 +105,14 @@ def _devices(framework: str) -> tuple[str, ...]:
 
 
 def skip_reason(cell: Cell, shift: int) -> str | None:
-    """Why a cell cannot run here and now (framework missing, no device, dtype overflow), or None."""
+    """Why a cell cannot run here and now (framework or the API's library missing, no device, dtype
+    overflow), or None."""
     adapter = REGISTRY[cell.framework]
     if not adapter.available():
         return adapter.missing_reason()
+    missing = cell.api.missing()
+    if missing:
+        return missing
     if cell.device not in _devices(cell.framework):
         return f"no {cell.device} device visible to {cell.framework}"
     return case_overflow(cell.case, shift, cell.dtype)

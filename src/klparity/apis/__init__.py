@@ -11,15 +11,21 @@ import importlib
 from typing import Final
 
 from klparity.apis.base import ApiSpec, Expectation, GradModel
+from klparity.apis.keras_distillation import KerasLogitsDistillation
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
 from klparity.apis.optax_kl import OptaxKl
+from klparity.apis.torch_distributions import TorchDistributionsKl
 from klparity.apis.torch_kl_div import TorchKlDiv
+from klparity.apis.torchmetrics_kl import TorchmetricsKl
 from klparity.frameworks.base import Api
 
 SPECS: dict[str, ApiSpec] = {
     "torch": TorchKlDiv(),
     "keras": KerasKlDivergence(),
     "optax": OptaxKl(),
+    "torch_distributions": TorchDistributionsKl(),
+    "torchmetrics": TorchmetricsKl(),
+    "keras_distillation": KerasLogitsDistillation(),
 }
 
 #: Not an API's own: any API whose result dtype overflows.

@@ -227,6 +227,10 @@ class ApiSpec:
 
     # --------------------------------------------------------------------------------- goldens
 
+    def has_goldens(self) -> bool:
+        """``golden_expected`` is implemented (the golden cells judge only such APIs)."""
+        return type(self).golden_expected is not ApiSpec.golden_expected
+
     def golden_expected(self, g: Golden, ex: Exact, api: Api, fw: str, compute: str) -> GoldenExpected:
         """What ``api`` must return per row and in total on the golden ``g`` (mpmath reference rows)."""
         raise NotImplementedError(f"no golden expectations for API semantics {self.semantics!r}")

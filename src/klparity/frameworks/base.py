@@ -38,11 +38,21 @@ class Api:
     semantics: str  #: the key of its spec in ``klparity.apis.SPECS``
     reductions: tuple[str, ...]
     options: tuple[tuple[str, object], ...] = ()
+    #: (module, extra) of a library the API needs beyond its framework (its cells skip, naming the extra,
+    #: where the module is absent); ("", "") for the framework's own APIs
+    requires: tuple[str, str] = ("", "")
 
     @property
     def id(self) -> str:
         """Stable printable id, e.g. ``torch.nn.functional.kl_div(log_target=True)``."""
         return f"{self.entry}({', '.join(f'{k}={v}' for k, v in self.options)})"
+
+    def missing(self) -> str | None:
+        """Why the API cannot run here (its library is not installed), or None."""
+        module, extra = self.requires
+        if module and not installed(module):
+            return f"{module} is not installed: pip install 'klparity[{extra}]'"
+        return None
 
     def option(self, key: str, default: object = None) -> object:
         """Value of a fixed option, or ``default``."""

@@ -7,6 +7,7 @@ computed by ``tf.nn.softmax`` in the tested dtype. ``KLDivergence`` converts the
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 from collections.abc import Callable, Hashable
 from types import ModuleType
@@ -20,6 +21,7 @@ from klparity.frameworks.base import RUNTIME, Adapter, Api, GradOutput, Output
 REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight", "default")
 LOSS_CLASS = "keras.losses.KLDivergence"
 LOSS_FUNCTION = "keras.losses.kl_divergence"
+DISTILLATION = "keras.distillation.LogitsDistillation"
 
 
 def loss(keras: ModuleType, api: Api, red: str, y_true: Any, y_pred: Any) -> Any:
@@ -116,10 +118,21 @@ class KerasAdapter(Adapter):
         ]
         if dtype == "float64":  # the only way to get a float64 result from the loss class
             apis.append(Api(self.name, LOSS_CLASS, "keras", REDUCTIONS, (("dtype", "float64"),)))
+        if self._has_distillation():  # Keras >= 3.12: its own distillation API, default loss and the KL object
+            apis += [Api(self.name, DISTILLATION, "keras_distillation", ("default",), (("loss", loss),))
+                     for loss in ("kl_divergence", "KLDivergence")]  # fmt: skip
         return tuple(apis)
 
+    def _has_distillation(self) -> bool:
+        """keras.distillation exists (Keras 3.12 and later), from the distribution's version: no import."""
+        try:
+            major, minor = (int(x) for x in importlib.metadata.version("keras").split(".")[:2])
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            return False
+        return (major, minor) >= (3, 12)
+
     def compute_dtype(self, api: Api, dtype: str) -> str:
-        if api.entry == LOSS_FUNCTION:
+        if api.entry == LOSS_FUNCTION or (api.entry == DISTILLATION and api.option("loss") == "kl_divergence"):
             return dtype
         return str(api.option("dtype") or "float32")  # keras.config.floatx() default
 
@@ -141,6 +154,10 @@ class KerasAdapter(Adapter):
         with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
             t = tf.cast(tf.constant(teacher.astype(np.float64)), dtype)
             s = tf.cast(tf.constant(student.astype(np.float64)), dtype)
+            if api.entry == DISTILLATION:  # teacher and student logits, T inside
+                kd = keras.distillation.LogitsDistillation(temperature=temperature, loss=str(api.option("loss")))
+                res = kd.compute_loss(t, s)
+                return {"default": Output(np.asarray(res.numpy()).astype(np.float64), res.dtype.name)}
             y_true = tf.nn.softmax(t / temperature, axis=-1)
             y_pred = tf.nn.softmax(s / temperature, axis=-1)
             out: dict[str, Output] = {}

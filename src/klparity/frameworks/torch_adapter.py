@@ -23,6 +23,8 @@ from klparity.frameworks.base import RUNTIME, Adapter, Api, GradOutput, Output
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "default")
 ENTRIES = ("torch.nn.KLDivLoss", "torch.nn.functional.kl_div")
+DIST_ENTRY = "torch.distributions.kl_divergence"
+METRICS_ENTRY = "torchmetrics.functional.kl_divergence"
 
 
 def relayout(x: Any, layout: str) -> Any:
@@ -144,11 +146,20 @@ class TorchAdapter(Adapter):
         return names
 
     def apis(self, dtype: str) -> tuple[Api, ...]:
-        return tuple(
+        kl_div = tuple(
             Api("torch", entry, "torch", REDUCTIONS, (("log_target", lt),))
             for entry in ENTRIES
             for lt in (False, True)
         )
+        dist = tuple(
+            Api("torch", DIST_ENTRY, "torch_distributions", ("none",), (("from", f),)) for f in ("logits", "probs")
+        )
+        metrics = tuple(
+            Api("torch", METRICS_ENTRY, "torchmetrics", ("none", "sum", "mean", "default"), (("log_prob", lp),),
+                requires=("torchmetrics", "torchmetrics"))
+            for lp in (False, True)
+        )  # fmt: skip
+        return kl_div + dist + metrics
 
     def compute_dtype(self, api: Api, dtype: str) -> str:
         return dtype
@@ -162,6 +173,10 @@ class TorchAdapter(Adapter):
         device: str,
         layout: str,
     ) -> dict[str, Output]:
+        if api.entry == DIST_ENTRY:
+            return self._run_distributions(api, teacher, student, temperature, device, layout)
+        if api.entry == METRICS_ENTRY:
+            return self._run_torchmetrics(api, teacher, student, temperature, device, layout)
         _, _, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=False)
         out: dict[str, Output] = {}
         for red in api.reductions:
@@ -171,6 +186,60 @@ class TorchAdapter(Adapter):
                 dtype=str(res.dtype).removeprefix("torch."),
                 warnings=caught,
             )
+        return out
+
+    def _logits(self, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float, device: str,
+                layout: str) -> tuple[Any, Any]:  # fmt: skip
+        """(teacher, student) logits / T as tensors of the arrays' dtype on ``device``, in ``layout``."""
+        torch = self._torch()
+        dev = "cuda" if device == "gpu" else "cpu"
+        tdtype = getattr(torch, str(teacher.dtype))
+        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype)
+        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype)
+        return relayout(t / temperature, layout), relayout(s / temperature, layout)
+
+    def _run_distributions(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic],
+                           temperature: float, device: str, layout: str) -> dict[str, Output]:  # fmt: skip
+        """kl_divergence(Categorical(teacher), Categorical(student)), built from logits / T or their softmax;
+        without argument validation (its default raises on a NaN logit: a pinned fact)."""
+        torch = self._torch()
+        zt, zs = self._logits(teacher, student, temperature, device, layout)
+        cat = torch.distributions.Categorical
+        if api.option("from") == "probs":
+            p = cat(probs=torch.softmax(zt, dim=-1), validate_args=False)
+            q = cat(probs=torch.softmax(zs, dim=-1), validate_args=False)
+        else:
+            p, q = cat(logits=zt, validate_args=False), cat(logits=zs, validate_args=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = torch.distributions.kl_divergence(p, q)
+        return {"none": Output(to_float64(res), str(res.dtype).removeprefix("torch."),
+                               tuple(str(w.message) for w in caught))}  # fmt: skip
+
+    def _run_torchmetrics(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic],
+                          temperature: float, device: str, layout: str) -> dict[str, Output]:  # fmt: skip
+        """torchmetrics.functional.kl_divergence(teacher, student, log_prob, reduction) on (rows, C): a
+        (B, S, C) batch reshaped to (B·S, C) as a user must (it takes 2-D only); 'none' reshaped back."""
+        import torchmetrics.functional as tmf
+
+        torch = self._torch()
+        zt, zs = self._logits(teacher, student, temperature, device, layout)
+        log_prob = bool(api.option("log_prob", False))
+        f = torch.log_softmax if log_prob else torch.softmax
+        c = zt.shape[-1]
+        p, q = f(zt, dim=-1).reshape(-1, c), f(zs, dim=-1).reshape(-1, c)
+        out: dict[str, Output] = {}
+        for red in api.reductions:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if red == "default":
+                    res = tmf.kl_divergence(p, q, log_prob=log_prob)
+                else:
+                    res = tmf.kl_divergence(p, q, log_prob=log_prob, reduction=red)  # type: ignore[arg-type]
+            if red == "none":
+                res = res.reshape(zt.shape[:-1])
+            out[red] = Output(to_float64(res), str(res.dtype).removeprefix("torch."),
+                              tuple(str(w.message) for w in caught))  # fmt: skip
         return out
 
     def _pipeline(

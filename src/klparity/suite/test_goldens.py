@@ -173,7 +173,7 @@ def test_goldens(golden_cell: GoldenCell, request: pytest.FixtureRequest) -> Non
     results: list[CheckResult] = []
     ex = Exact.of(g.teacher, g.student, g.temperature)
     specs = []
-    for api in adapter.apis(g.dtype):
+    for api in (a for a in adapter.apis(g.dtype) if apis.spec(a).has_goldens() and not a.missing()):
         results += judge(adapter, api, g, cell.device, ex)
         if apis.spec(api) not in specs:
             specs.append(apis.spec(api))

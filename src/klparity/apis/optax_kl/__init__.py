@@ -35,12 +35,12 @@ F64 = NDArray[np.float64]
 # (tests/unit/test_jax_adapter.py runs optax in float64 against it on special values).
 
 
-def _xla_flushes(dtype: str) -> bool:
+def xla_flushes(dtype: str) -> bool:
     """XLA:CPU flushes float32, bfloat16 and float64 subnormals to zero, not float16 (computed in float32)."""
     return dtype != "float16"
 
 
-def _rel_entr_masks(ex: Exact, framework: str, dtype: str) -> dict[str, NDArray[np.bool_]]:
+def rel_entr_masks(ex: Exact, framework: str, dtype: str) -> dict[str, NDArray[np.bool_]]:
     """Per class: p or q surely 0 (``p_zero``, ``q_zero``) or surely nonzero (``p_kept``, ``q_kept``)
     in ``dtype``, as ``rel_entr_inf_rows`` describes; ``nan_rows`` per row."""
     info, row = dtype_info(dtype), table_row(framework, dtype)
@@ -78,7 +78,7 @@ def rel_entr_inf_rows(
     decide. The error of log p_j is the tolerance model's softmax-stage term, c_in u (|z_j| + max|z| +
     log2 C + 1), with c_in from the (framework, dtype) row.
     """
-    return rel_entr_rows(_rel_entr_masks(ex, framework, dtype))
+    return rel_entr_rows(rel_entr_masks(ex, framework, dtype))
 
 
 def rel_entr_rows(m: dict[str, NDArray[np.bool_]]) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
@@ -158,7 +158,7 @@ def _optax_expectations(
     inf_allowed = nan_allowed = None
     if api.entry in (OPTAX_KL, OPTAX_KL_LOG_TARGETS):
         # teacher mass that underflows to 0 where the student is -inf: 0 * inf = NaN, as in torch
-        flushed, maybe = underflow_meets_student_inf(ex, dtype, flushes=_xla_flushes(dtype))
+        flushed, maybe = underflow_meets_student_inf(ex, dtype, flushes=xla_flushes(dtype))
         if api.entry == OPTAX_KL:
             pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, 0.0, ex.p), log_target=False)
         else:
@@ -166,7 +166,7 @@ def _optax_expectations(
         value = np.sum(pointwise, axis=-1)
         nan_allowed = np.asarray(maybe.any(axis=-1))
     elif rel_entr:
-        masks = _rel_entr_masks(ex, framework, dtype)
+        masks = rel_entr_masks(ex, framework, dtype)
         surely, possibly = rel_entr_rows(masks)
         # where the student is -inf, teacher mass that is not surely kept may be 0: rel_entr(0, 0) = 0
         # there (the value below; +inf is allowed too, through ``possibly``)
@@ -189,11 +189,11 @@ def _optax_differences(api: Api, ex: Exact, compute: str) -> list[str]:
     if api.entry == OPTAX_KL_LOG_TARGETS and np.any(ex.lp == -np.inf):
         found.append("optax.log_targets_zero_target_nan")
     if api.entry in (OPTAX_KL, OPTAX_KL_LOG_TARGETS):
-        surely, maybe = underflow_meets_student_inf(ex, compute, flushes=_xla_flushes(compute))
+        surely, maybe = underflow_meets_student_inf(ex, compute, flushes=xla_flushes(compute))
         if np.any(surely | maybe):
             found.append("optax.underflow_times_inf_nan")
     if api.entry == JAX_REL_ENTR:
-        masks = _rel_entr_masks(ex, api.framework, compute)
+        masks = rel_entr_masks(ex, api.framework, compute)
         if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~masks["p_kept"]):
             found.append("jax.rel_entr_underflow_hides_inf")
         nan_rows = masks["nan_rows"]
@@ -201,4 +201,30 @@ def _optax_differences(api: Api, ex: Exact, compute: str) -> list[str]:
             found.append("jax.rel_entr_nan_is_inf")
         if np.any(rel_entr_rows(masks)[1] & ~nan_rows):
             found.append("jax.rel_entr_underflow_inf")
+    return found
+
+
+def probability_space_rows(ex: Exact, framework: str, dtype: str) -> tuple[F64, NDArray[np.bool_]]:
+    """Per-row value of a KL evaluated on probabilities rounded to ``dtype`` with NaN propagating: +inf
+    where the student's probability surely underflows to 0 under teacher mass, the term dropped where the
+    teacher's underflows (0 · anything = 0, even against a -inf student), the exact KL elsewhere; and the
+    rows where +inf is accepted too (an underflow within rounding error). The model of ``rel_entr_masks``.
+    """
+    masks = rel_entr_masks(ex, framework, dtype)
+    surely = np.any(masks["q_zero"] & masks["p_kept"], axis=-1)
+    possibly = surely | np.any(~masks["q_kept"] & ~masks["p_zero"], axis=-1)
+    dropped = (ex.lq == -np.inf) & ~masks["p_kept"]
+    value = np.where(surely, np.inf, oracle.kl_from_log_probs(np.where(dropped, -np.inf, ex.lp), ex.lq))
+    return np.asarray(value, np.float64), np.asarray(possibly & ~surely & ~masks["nan_rows"])
+
+
+def probability_space_differences(ex: Exact, framework: str, dtype: str, prefix: str) -> list[str]:
+    """``<prefix>.student_underflow_inf`` / ``<prefix>.teacher_underflow_hides_inf`` where they can apply."""
+    masks = rel_entr_masks(ex, framework, dtype)
+    found = []
+    finite_q = np.isfinite(ex.lq)
+    if np.any(~masks["q_kept"] & ~masks["p_zero"] & finite_q & ~masks["nan_rows"][..., None]):
+        found.append(f"{prefix}.student_underflow_inf")
+    if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~masks["p_kept"]):
+        found.append(f"{prefix}.teacher_underflow_hides_inf")
     return found

@@ -1,0 +1,23 @@
+"""Mutants of Keras 3's ``LogitsDistillation`` (see ``klparity.mutants``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klparity.mutants import Mutant, register
+
+
+def _t2_dropped(orig: Any) -> Any:
+    """The KL branch forgets its T² factor."""
+
+    class LogitsDistillation(orig):  # type: ignore[misc]
+        def compute_loss(self, teacher_outputs: Any, student_outputs: Any, **kwargs: Any) -> Any:
+            return super().compute_loss(teacher_outputs, student_outputs, **kwargs) / self.temperature**2
+
+    return LogitsDistillation
+
+
+register(
+    Mutant("keras_distillation_no_t2", "tensorflow", "LogitsDistillation drops its T² factor",
+           (("keras.distillation", "LogitsDistillation"),), _t2_dropped),
+)  # fmt: skip
