@@ -17,6 +17,7 @@ from klparity.apis.optax_kl import OptaxKl
 from klparity.apis.torch_distributions import TorchDistributionsKl
 from klparity.apis.torch_kl_div import TorchKlDiv
 from klparity.apis.torchmetrics_kl import TorchmetricsKl
+from klparity.apis.trl_gkd import TrlGkd
 from klparity.frameworks.base import Api
 
 SPECS: dict[str, ApiSpec] = {
@@ -26,6 +27,7 @@ SPECS: dict[str, ApiSpec] = {
     "torch_distributions": TorchDistributionsKl(),
     "torchmetrics": TorchmetricsKl(),
     "keras_distillation": KerasLogitsDistillation(),
+    "trl_gkd": TrlGkd(),
 }
 
 #: Not an API's own: any API whose result dtype overflows.

@@ -25,6 +25,7 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean", "default")
 ENTRIES = ("torch.nn.KLDivLoss", "torch.nn.functional.kl_div")
 DIST_ENTRY = "torch.distributions.kl_divergence"
 METRICS_ENTRY = "torchmetrics.functional.kl_divergence"
+TRL_ENTRY = "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss"
 
 
 def relayout(x: Any, layout: str) -> Any:
@@ -159,7 +160,12 @@ class TorchAdapter(Adapter):
                 requires=("torchmetrics", "torchmetrics"))
             for lp in (False, True)
         )  # fmt: skip
-        return kl_div + dist + metrics
+        trl = tuple(
+            Api("torch", TRL_ENTRY, "trl_gkd", ("batchmean", "sum", "mean", "none", "default"),
+                (("beta", beta), ("labels", labels)), requires=("trl", "trl"))
+            for beta, labels in ((0.0, "none"), (1.0, "none"), (0.5, "none"), (0.0, "last-ignored"))
+        )  # fmt: skip
+        return kl_div + dist + metrics + trl
 
     def compute_dtype(self, api: Api, dtype: str) -> str:
         return dtype
@@ -177,6 +183,8 @@ class TorchAdapter(Adapter):
             return self._run_distributions(api, teacher, student, temperature, device, layout)
         if api.entry == METRICS_ENTRY:
             return self._run_torchmetrics(api, teacher, student, temperature, device, layout)
+        if api.entry == TRL_ENTRY:
+            return self._run_trl(api, teacher, student, temperature, device, layout)
         _, _, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=False)
         out: dict[str, Output] = {}
         for red in api.reductions:
@@ -238,6 +246,33 @@ class TorchAdapter(Adapter):
                     res = tmf.kl_divergence(p, q, log_prob=log_prob, reduction=red)  # type: ignore[arg-type]
             if red == "none":
                 res = res.reshape(zt.shape[:-1])
+            out[red] = Output(to_float64(res), str(res.dtype).removeprefix("torch."),
+                              tuple(str(w.message) for w in caught))  # fmt: skip
+        return out
+
+    def _run_trl(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic],
+                 temperature: float, device: str, layout: str) -> dict[str, Output]:  # fmt: skip
+        """GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature, reduction)
+        on the raw logits (it divides by T); labels -100 on the last row of the flattened row grid when the
+        API says so (``apis.trl_gkd.valid_rows``)."""
+        from trl.experimental.gkd import GKDTrainer  # looked up at call time: a patched one is the one called
+
+        from klparity.apis.trl_gkd import valid_rows
+
+        torch = self._torch()
+        zt, zs = self._logits(teacher, student, 1.0, device, layout)
+        labels = None
+        if api.option("labels") != "none":
+            keep = valid_rows(tuple(zt.shape), api.option("labels"))
+            flat = torch.where(torch.from_numpy(keep), 0, -100).to(zt.device)
+            labels = flat.reshape(tuple(zt.shape[:-1]))
+        out: dict[str, Output] = {}
+        for red in api.reductions:
+            kwargs = {} if red == "default" else {"reduction": red}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = GKDTrainer.generalized_jsd_loss(zs, zt, labels=labels, beta=float(str(api.option("beta"))),
+                                                      temperature=temperature, **kwargs)  # fmt: skip
             out[red] = Output(to_float64(res), str(res.dtype).removeprefix("torch."),
                               tuple(str(w.message) for w in caught))  # fmt: skip
         return out

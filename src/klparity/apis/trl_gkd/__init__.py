@@ -1,0 +1,139 @@
+"""TRL's ``GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature,
+reduction)`` (on-policy distillation, trl.experimental.gkd): student first; both logits divided by T, no T²;
+elementwise ``F.kl_div(..., log_target=True)``: beta 0 is the forward KL(teacher ‖ student), beta 1 the
+reverse KL(student ‖ teacher), otherwise the generalized JSD β·KL(teacher ‖ m) + (1 − β)·KL(student ‖ m),
+m = β·teacher + (1 − β)·student mixed in log space. No masking: a −inf logit on either side gives
+0 · (−inf) = NaN on that class. ``labels`` (−100 = ignored) select the tokens; ``batchmean`` divides the sum
+by the number of valid tokens with labels and by ``size(0)`` (B, not B·S) without; ``mean`` by every
+element (÷ C too); ``sum``; ``none`` elementwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from klparity import oracle
+from klparity.apis.base import ApiSpec, Expectation, underflow_meets_student_inf
+from klparity.frameworks.base import Api
+from klparity.tolerances import Budget, budget
+
+if TYPE_CHECKING:
+    from klparity.checks import Exact
+
+F64 = NDArray[np.float64]
+
+ENTRY = "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss"
+#: the labels a cell passes: none, or every token valid but the last row of the flattened row grid
+LABELS = ("none", "last-ignored")
+
+
+def valid_rows(shape: tuple[int, ...], labels: object) -> NDArray[np.bool_]:
+    """Which rows of the flattened (rows, C) grid the labels keep (the adapter builds the labels alike)."""
+    rows = max(math.prod(shape[:-1]), 1)
+    valid = np.ones(rows, dtype=bool)
+    if labels == "last-ignored" and rows > 1:
+        valid[-1] = False
+    return valid
+
+
+def _swapped(ex: Exact) -> Exact:
+    """The case with teacher and student exchanged (the reverse KL's quantities)."""
+    return replace(ex, teacher=ex.student, student=ex.teacher, zt=ex.zs, zs=ex.zt, lp=ex.lq, lq=ex.lp, p=ex.q,
+                   q=ex.p, rows=oracle.kl_from_logits(ex.student, ex.teacher, ex.temperature))  # fmt: skip
+
+
+def _budget(ex: Exact, framework: str, dtype: str, compute: str) -> Budget:
+    return budget(framework=framework, input_dtype=dtype, compute_dtype=compute, p=ex.p, q=ex.q, zt=ex.zt,
+                  zs=ex.zs, student_is_probability=False, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
+
+
+def _exact_terms(lp: F64, p: F64, lm: F64) -> F64:
+    with np.errstate(invalid="ignore"):
+        return np.asarray(np.where(p == 0, 0.0, p * (lp - lm)), np.float64)
+
+
+class TrlGkd(ApiSpec):
+    """TRL's generalized JSD loss at a beta: see the module docstring."""
+
+    semantics = "trl_gkd"
+    default_reduction = "batchmean"
+    none_is_elementwise = True
+    facts = "klparity.apis.trl_gkd.facts"
+    mutants = "klparity.apis.trl_gkd.mutants"
+    differences: ClassVar[dict[str, str]] = {
+        "trl.masked_class_nan": "generalized_jsd_loss computes F.kl_div(..., log_target=True) = exp(t) · (t − x) "
+        "with no masking: a class with a −inf logit (a masked vocabulary) gives 0 · (−inf) = NaN (beta 0: on a "
+        "−inf teacher class; beta 1: on a −inf student class; between: on either); the exact value is finite",
+        "trl.underflow_times_inf_nan": "beta 0 (1): a teacher (student) probability that underflows to 0 in the "
+        "tested dtype on a class where the other side is −inf gives 0 · inf = NaN; the exact KL is +inf",
+    }
+
+    def _terms(self, api: Api, ex: Exact, dtype: str, compute: str,
+               framework: str) -> tuple[F64, F64, Budget, NDArray[np.bool_]]:  # fmt: skip
+        """(elementwise value, elementwise exact value, budget, entries where NaN is accepted too)."""
+        beta = float(str(api.option("beta")))
+        if beta in (0.0, 1.0):
+            side = ex if beta == 0.0 else _swapped(ex)
+            flushed, maybe = underflow_meets_student_inf(side, compute)
+            value = oracle.torch_pointwise(side.lq, np.where(flushed, -np.inf, side.lp), log_target=True)
+            exact = _exact_terms(side.lp, side.p, side.lq)
+            bud = _budget(side, framework, dtype, compute)
+            nan_ok = maybe
+        else:
+            with np.errstate(invalid="ignore"):
+                lm = np.logaddexp(math.log(beta) + ex.lp, math.log1p(-beta) + ex.lq)
+            value = beta * oracle.torch_pointwise(lm, ex.lp, log_target=True) + (1.0 - beta) * oracle.torch_pointwise(
+                lm, ex.lq, log_target=True)  # fmt: skip
+            exact = beta * _exact_terms(ex.lp, ex.p, lm) + (1.0 - beta) * _exact_terms(ex.lq, ex.q, lm)
+            fwd, rev = _budget(ex, framework, dtype, compute), _budget(_swapped(ex), framework, dtype, compute)
+            # summands p|log p − log m| and q|log q − log m|, |log m| <= max(|log p|, |log q|): both budgets
+            bud = replace(fwd, elem_scale=np.asarray(fwd.elem_scale + rev.elem_scale, np.float64),
+                          floor=np.asarray(fwd.floor + rev.floor, np.float64))  # fmt: skip
+            nan_ok = np.zeros(value.shape, dtype=bool)
+        nan_rows = np.isnan(ex.rows)[..., None]
+        exact = np.where(nan_rows, np.nan, exact)
+        return np.asarray(value, np.float64), np.asarray(exact, np.float64), bud, np.asarray(nan_ok)
+
+    def expectations(self, api: Api, ex: Exact, dtype: str, compute: str,
+                     framework: str) -> tuple[dict[str, Expectation], Budget]:  # fmt: skip
+        value, exact, bud, nan_ok = self._terms(api, ex, dtype, compute, framework)
+        c = value.shape[-1]
+        labels = api.option("labels")
+        keep = valid_rows(value.shape, labels)
+        if labels != "none":  # jsd[mask]: the valid tokens as (N_valid, C)
+            value = np.asarray(np.reshape(value, (-1, c))[keep], np.float64)
+            exact = np.asarray(np.reshape(exact, (-1, c))[keep], np.float64)
+            nan_ok = np.asarray(np.reshape(nan_ok, (-1, c))[keep], np.bool_)
+            bud = replace(bud, elem_scale=np.reshape(bud.elem_scale, (-1, c))[keep],
+                          floor=np.reshape(bud.floor, (-1, c))[keep])  # fmt: skip
+        out = {}
+        for red in api.reductions:
+            r = self.resolve(red)
+            if r == "none":
+                tol: F64 | float = bud.elementwise()
+                v, e, n = value, exact, nan_ok
+            else:
+                div = {"sum": 1, "mean": value.size, "batchmean": max(value.shape[0], 1)}[r]
+                with np.errstate(invalid="ignore", over="ignore"):
+                    v, e = np.asarray(np.sum(value) / div), np.asarray(np.sum(exact) / div)
+                tol, n = bud.total() / div, np.asarray(nan_ok.any())
+            out[red] = Expectation(value=np.asarray(v, np.float64), tolerance=tol, exact=np.asarray(e),
+                                   gap_bound=None, dtype=compute, must_warn=None, nan_allowed=n)  # fmt: skip
+        return out, bud
+
+    def known_differences(self, api: Api, ex: Exact, compute: str) -> list[str]:
+        beta = float(str(api.option("beta")))
+        found = []
+        minus_inf = {0.0: ex.lp == -np.inf, 1.0: ex.lq == -np.inf}.get(beta, (ex.lp == -np.inf) | (ex.lq == -np.inf))
+        if np.any(minus_inf):
+            found.append("trl.masked_class_nan")
+        if beta in (0.0, 1.0):
+            surely, maybe = underflow_meets_student_inf(ex if beta == 0.0 else _swapped(ex), compute)
+            if np.any(surely | maybe):
+                found.append("trl.underflow_times_inf_nan")
+        return found
