@@ -14,6 +14,7 @@ from klparity.apis.base import ApiSpec, Expectation, GradModel
 from klparity.apis.keras_distillation import KerasLogitsDistillation
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
 from klparity.apis.optax_kl import OptaxKl
+from klparity.apis.tf_keras_kl_divergence import TfKerasKlDivergence
 from klparity.apis.torch_distributions import TorchDistributionsKl
 from klparity.apis.torch_kl_div import TorchKlDiv
 from klparity.apis.torchmetrics_kl import TorchmetricsKl
@@ -28,6 +29,7 @@ SPECS: dict[str, ApiSpec] = {
     "torchmetrics": TorchmetricsKl(),
     "keras_distillation": KerasLogitsDistillation(),
     "trl_gkd": TrlGkd(),
+    "tf_keras": TfKerasKlDivergence(),
 }
 
 #: Not an API's own: any API whose result dtype overflows.

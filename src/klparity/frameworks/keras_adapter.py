@@ -22,12 +22,17 @@ REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_we
 LOSS_CLASS = "keras.losses.KLDivergence"
 LOSS_FUNCTION = "keras.losses.kl_divergence"
 DISTILLATION = "keras.distillation.LogitsDistillation"
+TF_KERAS = "tf_keras.losses.KLDivergence"
 
 
 def loss(keras: ModuleType, api: Api, red: str, y_true: Any, y_pred: Any) -> Any:
     """One reduction of the API (``'default'``: the constructor's own); the function has none."""
     if api.entry == LOSS_FUNCTION:
         return keras.losses.kl_divergence(y_true, y_pred)
+    if api.entry == TF_KERAS:  # legacy Keras 2, looked up at call time (so a patched one is the one called)
+        import tf_keras
+
+        return tf_keras.losses.KLDivergence(**({} if red == "default" else {"reduction": red}))(y_true, y_pred)
     kwargs: dict[str, Any] = dict(api.options)
     if red != "default":
         kwargs["reduction"] = red
@@ -121,6 +126,9 @@ class KerasAdapter(Adapter):
         if self._has_distillation():  # Keras >= 3.12: its own distillation API, default loss and the KL object
             apis += [Api(self.name, DISTILLATION, "keras_distillation", ("default",), (("loss", loss),))
                      for loss in ("kl_divergence", "KLDivergence")]  # fmt: skip
+        # legacy Keras 2 (the tf-keras extra): its loss class keeps the input dtype
+        apis.append(Api(self.name, TF_KERAS, "tf_keras", ("none", "sum", "sum_over_batch_size", "default"),
+                        requires=("tf_keras", "tf-keras")))  # fmt: skip
         return tuple(apis)
 
     def _has_distillation(self) -> bool:
@@ -132,7 +140,9 @@ class KerasAdapter(Adapter):
         return (major, minor) >= (3, 12)
 
     def compute_dtype(self, api: Api, dtype: str) -> str:
-        if api.entry == LOSS_FUNCTION or (api.entry == DISTILLATION and api.option("loss") == "kl_divergence"):
+        if api.entry in (LOSS_FUNCTION, TF_KERAS):
+            return dtype
+        if api.entry == DISTILLATION and api.option("loss") == "kl_divergence":
             return dtype
         return str(api.option("dtype") or "float32")  # keras.config.floatx() default
 

@@ -259,6 +259,7 @@ class TorchAdapter(Adapter):
 
         from klparity.apis.trl_gkd import valid_rows
 
+        trainer: Any = GKDTrainer  # TRL's annotations are partial
         torch = self._torch()
         zt, zs = self._logits(teacher, student, 1.0, device, layout)
         labels = None
@@ -271,7 +272,7 @@ class TorchAdapter(Adapter):
             kwargs = {} if red == "default" else {"reduction": red}
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                res = GKDTrainer.generalized_jsd_loss(zs, zt, labels=labels, beta=float(str(api.option("beta"))),
+                res = trainer.generalized_jsd_loss(zs, zt, labels=labels, beta=float(str(api.option("beta"))),
                                                       temperature=temperature, **kwargs)  # fmt: skip
             out[red] = Output(to_float64(res), str(res.dtype).removeprefix("torch."),
                               tuple(str(w.message) for w in caught))  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +28,10 @@ def _torch() -> ModuleType:
 def _loss(case: Case, beta: float, **kwargs: object) -> float:
     from trl.experimental.gkd import GKDTrainer
 
+    trainer: Any = GKDTrainer  # TRL's annotations are partial
     torch = _torch()
     t, s = logits_in(case)
-    res = GKDTrainer.generalized_jsd_loss(torch.from_numpy(s), torch.from_numpy(t), beta=beta,
+    res = trainer.generalized_jsd_loss(torch.from_numpy(s), torch.from_numpy(t), beta=beta,
                                           temperature=case.temperature, **kwargs)  # fmt: skip
     return float(res)
 
