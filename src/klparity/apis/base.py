@@ -203,8 +203,8 @@ class ApiSpec:
 
     # ---------------------------------------------------------------------------- gradients
 
-    def has_gradients(self) -> bool:
-        """``grad_model`` is implemented."""
+    def has_gradients(self, api: Api | None = None) -> bool:
+        """``grad_model`` is implemented (for ``api``, when given: a spec may model some variants only)."""
         return type(self).grad_model is not ApiSpec.grad_model
 
     def grad_model(self, api: Api, ex: Exact, first: GradOutput, dtype: str, compute: str,
@@ -221,8 +221,8 @@ class ApiSpec:
         """Factor a reduction applies to the gradient of the summed loss ('none' differentiates the sum)."""
         return 1.0 / self.grad_divisor(reduction, shape)
 
-    def grad_difference_applies(self, name: str, wrt: str) -> bool:
-        """The documented gradient difference ``name`` can explain a gap in d/d``wrt``."""
+    def grad_difference_applies(self, api: Api, name: str, wrt: str) -> bool:
+        """The documented gradient difference ``name`` can explain a gap in d/d``wrt`` of ``api``."""
         return True
 
     # --------------------------------------------------------------------------------- goldens

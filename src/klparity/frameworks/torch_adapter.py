@@ -312,6 +312,8 @@ class TorchAdapter(Adapter):
         layout: str,
     ) -> dict[str, GradOutput]:
         """Each reduction's gradients w.r.t. both logits (``autograd.grad``; 'none' differentiates the sum)."""
+        if api.entry == TRL_ENTRY:
+            return self._run_trl_grad(api, teacher, student, temperature, device, layout)
         torch = self._torch()
         t, s, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=True)
         seen_t, seen_i = to_float64(tgt), to_float64(inp)
@@ -327,6 +329,35 @@ class TorchAdapter(Adapter):
                 seen_input=seen_i,
                 warnings=caught,
             )
+        return out
+
+    def _run_trl_grad(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic],
+                      temperature: float, device: str, layout: str) -> dict[str, GradOutput]:  # fmt: skip
+        """Gradients of generalized_jsd_loss w.r.t. both logits (the leaves; TRL divides by T inside). The
+        arguments it gives kl_div are its own log_softmax of logits / T: recomputed alike as the seen values."""
+        from trl.experimental.gkd import GKDTrainer
+
+        trainer: Any = GKDTrainer  # TRL's annotations are partial
+        torch = self._torch()
+        fn = torch.nn.functional
+        dev = "cuda" if device == "gpu" else "cpu"
+        tdtype = getattr(torch, str(teacher.dtype))
+        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
+        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
+        zt, zs = relayout(t, layout), relayout(s, layout)
+        seen_t = to_float64(fn.log_softmax(zt / temperature, dim=-1))
+        seen_s = to_float64(fn.log_softmax(zs / temperature, dim=-1))
+        beta = float(str(api.option("beta")))
+        out: dict[str, GradOutput] = {}
+        for red in api.reductions:
+            kwargs = {} if red == "default" else {"reduction": red}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = trainer.generalized_jsd_loss(zs, zt, beta=beta, temperature=temperature, **kwargs)
+            g_s, g_t = torch.autograd.grad(res, (s, t), grad_outputs=torch.ones_like(res), retain_graph=True)
+            out[red] = GradOutput(student=to_float64(g_s), teacher=to_float64(g_t),
+                                  dtype=str(g_s.dtype).removeprefix("torch."), seen_target=seen_t, seen_input=seen_s,
+                                  warnings=tuple(str(w.message) for w in caught))  # fmt: skip
         return out
 
     def run_scale(

@@ -223,7 +223,7 @@ class TorchKlDiv(ApiSpec):
             raise ValueError(f"unknown {self.semantics} reduction {reduction!r}")
         return table[r]
 
-    def grad_difference_applies(self, name: str, wrt: str) -> bool:
+    def grad_difference_applies(self, api: Api, name: str, wrt: str) -> bool:
         """torch's gradient differences are all in d/d target: they explain no gap in d/d student."""
         return wrt == "teacher" or name not in self.grad_differences
 

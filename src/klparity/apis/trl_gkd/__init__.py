@@ -18,9 +18,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, underflow_meets_student_inf
-from klparity.frameworks.base import Api
-from klparity.tolerances import Budget, budget
+from klparity.apis.base import ApiSpec, Expectation, GradModel, underflow_meets_student_inf
+from klparity.apis.torch_kl_div import TorchKlDiv
+from klparity.frameworks.base import Api, GradOutput
+from klparity.tolerances import Budget, GradBudget, budget
 
 if TYPE_CHECKING:
     from klparity.checks import Exact
@@ -45,6 +46,25 @@ def _swapped(ex: Exact) -> Exact:
     """The case with teacher and student exchanged (the reverse KL's quantities)."""
     return replace(ex, teacher=ex.student, student=ex.teacher, zt=ex.zs, zs=ex.zt, lp=ex.lq, lq=ex.lp, p=ex.q,
                    q=ex.p, rows=oracle.kl_from_logits(ex.student, ex.teacher, ex.temperature))  # fmt: skip
+
+
+def _swapped_output(out: GradOutput) -> GradOutput:
+    """A gradient output with the roles exchanged (the reverse KL is torch's kl_div on swapped arguments)."""
+    return replace(out, student=out.teacher if out.teacher is not None else out.student, teacher=out.student,
+                   seen_target=out.seen_input, seen_input=out.seen_target)  # fmt: skip
+
+
+def _swapped_budget(b: GradBudget) -> GradBudget:
+    return replace(b, student_scale=b.teacher_scale, teacher_scale=b.student_scale,
+                   student_size=b.teacher_size, teacher_size=b.student_size,
+                   student_terms=b.teacher_terms, teacher_terms=b.student_terms)  # fmt: skip
+
+
+_TORCH = TorchKlDiv()
+
+
+def _beta(api: Api) -> float:
+    return float(str(api.option("beta")))
 
 
 def _budget(ex: Exact, framework: str, dtype: str, compute: str) -> Budget:
@@ -125,6 +145,37 @@ class TrlGkd(ApiSpec):
             out[red] = Expectation(value=np.asarray(v, np.float64), tolerance=tol, exact=np.asarray(e),
                                    gap_bound=None, dtype=compute, must_warn=None, nan_allowed=n)  # fmt: skip
         return out, bud
+
+    # ---------------------------------------------------------------------------- gradients
+    # beta 0 without labels is torch's kl_div(student log q, teacher log p, log_target=True), value and
+    # gradient; beta 1 the same with the roles exchanged. The JSD (0 < beta < 1) and the token-masked
+    # variants have no gradient model (their gradient cells are not collected).
+
+    def has_gradients(self, api: Api | None = None) -> bool:
+        return api is None or (_beta(api) in (0.0, 1.0) and api.option("labels") == "none")
+
+    def grad_model(self, api: Api, ex: Exact, first: GradOutput, dtype: str, compute: str,
+                   framework: str) -> GradModel:  # fmt: skip
+        as_torch = replace(api, options=(("log_target", True),))
+        if _beta(api) == 0.0:
+            return _TORCH.grad_model(as_torch, ex, first, dtype, compute, framework)
+        m = _TORCH.grad_model(as_torch, _swapped(ex), _swapped_output(first), dtype, compute, framework)
+
+        def pattern(out: GradOutput, scale: float) -> tuple[F64, F64]:
+            s, t = m.pattern(_swapped_output(out), scale)
+            return t, s
+
+        return GradModel(m.teacher, m.student, m.exact_teacher, m.exact_student, _swapped_budget(m.budget), None,
+                         pattern, lambda out: m.differences(_swapped_output(out)))  # fmt: skip
+
+    def grad_divisor(self, reduction: str, shape: tuple[int, ...]) -> int:
+        """As torch's kl_div: 'batchmean' ÷ size(0), 'mean' ÷ every element (no labels)."""
+        return _TORCH.grad_divisor(self.resolve(reduction), shape)
+
+    def grad_difference_applies(self, api: Api, name: str, wrt: str) -> bool:
+        """torch's target-gradient differences: the target is the teacher at beta 0, the student at beta 1."""
+        target = "teacher" if _beta(api) == 0.0 else "student"
+        return wrt == target or name not in _TORCH.grad_differences
 
     def known_differences(self, api: Api, ex: Exact, compute: str) -> list[str]:
         beta = float(str(api.option("beta")))
