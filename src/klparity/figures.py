@@ -93,7 +93,8 @@ def _elementwise(framework: str, api_id: str, reduction: str) -> bool:
     if adapter is None or reduction != "none":
         return False
     api = next((a for d in adapter.dtypes for a in adapter.apis(d) if a.id == api_id), None)
-    return api is not None and api.semantics in SPECS and SPECS[api.semantics].none_is_elementwise
+    spec = SPECS.get(api.semantics) if api is not None else None
+    return bool(spec and spec.none_is_elementwise)
 
 
 def _worst(results: Iterable[dict[str, Any]], key: Any) -> tuple[dict[Any, float], set[Any]]:
