@@ -30,7 +30,7 @@ from klparity.apis import DIFFERENCES, RESULT_OVERFLOW, spec
 from klparity.apis.base import Expectation, overflow_masks
 from klparity.cases import Case
 from klparity.dtypes import dtype_info, round_to, widen
-from klparity.frameworks import Adapter, Api, Output
+from klparity.frameworks import REGISTRY, Adapter, Api, Output
 from klparity.tolerances import table_row
 
 F64 = NDArray[np.float64]
@@ -425,7 +425,8 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
 
     This isolates the reduction kernel from the elementwise error: with t the 'none' output (the
     very values the reduction sums), a sum over n terms accumulated in u_acc is off by at most
-    log2(n) u_acc sum|t|, the result is rounded once to the compute dtype and divided once:
+    log2(n) u_acc sum|t| for a pairwise sum (the adapter's ``reduction_roundings``: more for a kernel
+    that adds in lanes or one term at a time), the result is rounded once to the compute dtype and divided once:
     2 u_c |value| (one subnormal spacing where the result is that small). So an accumulator in a
     lower precision, or a wrong divisor, shows even where the end-to-end tolerance is dominated by
     half-precision elementwise rounding.
@@ -452,7 +453,8 @@ def _reduction_consistency(cell: Cell, seed: int, outputs: dict[str, Output], co
         divisor = api_spec.divisor(r, pointwise.shape)
         # + one subnormal spacing: the result's rounding and division, where it is subnormal
         # (u_acc + u_64: our own float64 pairwise sum of the same terms)
-        tol = ((math.log2(n) * (u_acc + u64) + u_c) * abs_sum / divisor + 2 * u_c * abs(float(expected))
+        roundings = REGISTRY[cell.framework].reduction_roundings(r, n)  # log2 n for a pairwise sum
+        tol = ((roundings * (u_acc + u64) + u_c) * abs_sum / divisor + 2 * u_c * abs(float(expected))
                + dtype_info(compute).smallest_subnormal)  # fmt: skip
         if api_spec.sum_rounded_first(r):
             total = float(np.sum(pointwise))

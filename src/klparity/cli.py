@@ -17,7 +17,7 @@ from klparity import compare, goldens, grid
 from klparity.cases import case_by_id
 from klparity.checks import Cell, failure_message, run_cell
 from klparity.dtypes import DTYPE_NAMES
-from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY
+from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, runs_user_losses
 from klparity.report import HEADER, aggregate, environment, format_rows, write_json
 
 
@@ -166,11 +166,14 @@ def cmd_mutate(args: argparse.Namespace) -> int:
         print(f"{o.name:{width}}  {o.status:11}  {o.seconds:5.1f} s  {o.killer or '-'}\n{'':{width}}  {desc}")
         if o.detail and o.status == "killed":
             print(f"{'':{width}}  first problem: {o.detail[:160]}")
-        elif o.detail and o.status in ("error", "false alarm"):
-            print(o.detail)
+        elif o.detail and o.status in ("error", "false alarm", "not run"):
+            print(f"{'':{width}}  {o.detail}" if o.status == "not run" else o.detail)
     rate = kill_rate(outcomes)
     alarms = sum(o.status in ("false alarm", "error") for o in outcomes if o.name.startswith("unmut"))
-    print(f"kill rate {rate:.0%} ({sum(o.status == 'killed' for o in outcomes)} of {len(chosen)} mutants), "
+    absent = sum(o.status == "not run" for o in outcomes)
+    ran = len(chosen) - absent
+    print(f"kill rate {rate:.0%} ({sum(o.status == 'killed' for o in outcomes)} of {ran} mutants"
+          + (f"; {absent} not run: the library they patch is not installed" if absent else "") + "), "
           f"{alarms} false alarms in {args.seeds} unmutated runs, {time.perf_counter() - start:.0f} s wall")
     return 0 if rate >= args.min_kill_rate and not alarms else 1
 
@@ -255,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
                          "status 0: right; 1: wrong, with the known bug that explains the numbers; 2: bad "
                          "input.")  # fmt: skip
     chk.add_argument("target", metavar="FILE.py:FUNCTION", help="the loss: path/to/file.py:function or module:function")
-    chk.add_argument("--framework", default=None, choices=tuple(REGISTRY),
+    chk.add_argument("--framework", default=None, choices=runs_user_losses(),
                      help="default: the one framework the file imports (keras counts as tensorflow)")  # fmt: skip
     chk.add_argument("--inputs", default="student_logits,teacher_logits,temperature",
                      help="the function's positional arguments, in order: student_*, teacher_* and (unless "

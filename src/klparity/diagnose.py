@@ -49,7 +49,7 @@ from klparity.cases import Case
 from klparity.checks import Exact
 from klparity.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
 from klparity.exact_grads import exact_student_grad, exact_teacher_grad
-from klparity.frameworks import REGISTRY
+from klparity.frameworks import REGISTRY, runs_user_losses
 from klparity.tolerances import (
     Budget,
     GradBudget,
@@ -63,7 +63,8 @@ from klparity.tolerances import (
 F64 = NDArray[np.float64]
 LossFn = Callable[..., Any]
 
-FRAMEWORKS: Final = tuple(REGISTRY)
+#: Frameworks whose adapter runs a user's loss (``Adapter.run_user_loss``).
+FRAMEWORKS: Final = runs_user_losses()
 TAKES: Final = ("logits", "probs", "log_probs")
 #: ``--expect`` reductions: name -> what the loss must divide the sum of per-row KLs by.
 REDUCTIONS: Final[dict[str, str]] = {
@@ -77,7 +78,7 @@ DEFAULT_EXPECT: Final = "mean,t2"
 DEFAULT_DTYPES: Final = ("float32", "float64")
 
 #: Module prefixes an import of which names the framework a loss file uses (each adapter's ``import_names``).
-_IMPORT_FRAMEWORK: Final = {m: name for name, a in REGISTRY.items() for m in a.import_names}
+_IMPORT_FRAMEWORK: Final = {m: name for name in FRAMEWORKS for m in REGISTRY[name].import_names}
 
 
 class UsageError(ValueError):

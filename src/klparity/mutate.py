@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from klparity.frameworks.base import installed
 from klparity.mutants import MUTANTS, Mutant
 
 _FAILED = re.compile(r"^FAILED (\S+)", re.MULTILINE)
@@ -43,8 +44,20 @@ def _pytest(args: Sequence[str]) -> tuple[int, str, float]:
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
 
 
+def missing(mutant: Mutant) -> str | None:
+    """Why a mutant cannot run here: the library it patches is not installed (its cells skip too)."""
+    for module, _ in mutant.targets:
+        top = module.split(".")[0]
+        if not installed(top):
+            return f"{top} is not installed"
+    return None
+
+
 def run_mutant(mutant: Mutant, extra: Sequence[str] = ()) -> Outcome:
     """Run the suite with one mutant installed; killed when a test fails."""
+    reason = missing(mutant)
+    if reason:
+        return Outcome(mutant.name, "not run", "", 0.0, reason)
     rc, out, secs = _pytest(["--klparity-mutant", mutant.name, "--klparity-frameworks", mutant.framework, *extra])
     failed = _FAILED.findall(out)
     if rc == 1 and failed:
@@ -68,7 +81,7 @@ def run_control(seed: int, frameworks: str, extra: Sequence[str] = ()) -> Outcom
 def run_all(mutants: Sequence[Mutant] = MUTANTS, seeds: Sequence[int] = (), frameworks: str = "",
             jobs: int = 2, extra: Sequence[str] = ()) -> list[Outcome]:  # fmt: skip
     """Every mutant and every control seed, ``jobs`` processes at a time, in catalogue order."""
-    fws = frameworks or ",".join(sorted({m.framework for m in mutants}))
+    fws = frameworks or ",".join(sorted({m.framework for m in mutants if missing(m) is None}))
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         futures = [pool.submit(run_mutant, m, extra) for m in mutants]
         futures += [pool.submit(run_control, s, fws, extra) for s in seeds]
@@ -76,6 +89,6 @@ def run_all(mutants: Sequence[Mutant] = MUTANTS, seeds: Sequence[int] = (), fram
 
 
 def kill_rate(outcomes: Sequence[Outcome]) -> float:
-    """Killed mutants / mutants run (controls are not counted)."""
+    """Killed mutants / mutants run (controls and mutants of absent libraries are not counted)."""
     mutants = [o for o in outcomes if o.status in ("killed", "survived", "error") and not o.name.startswith("unmut")]
     return sum(o.status == "killed" for o in mutants) / len(mutants) if mutants else 0.0

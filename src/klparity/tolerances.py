@@ -101,6 +101,11 @@ TABLE: Final[dict[tuple[str, str], Row]] = {
                             "jnp.sum (log-sum-exp and the class sum) upcasts float16 to float32 "
                             "(upcast_f16_for_computation) and rounds the sum once"),
     ("jax", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sums"),
+    ("mlx", "float16"): Row(2, 3, "float32", "MLX's CPU kernels compute each elementwise op in float32 and "
+                            "round it to float16; mx.sum and logsumexp accumulate in float32 and round once "
+                            "(measured: a float16 sum of 32000 terms comes out correctly rounded), sequentially "
+                            "(SEQUENTIAL_SUMS)"),
+    ("mlx", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sequential sums"),
     # Gradient rows (``grad_budget``): c_in as in the forward rows (the same softmax stage);
     # c_kernel counts the backward pass's roundings per element, relative to the magnitudes it
     # combines (see the module docstring).
@@ -142,23 +147,63 @@ class Budget:
     coeff_elem: float  #: multiplies e_j for an elementwise (``'none'``) comparison
     u_sum: float  #: per-rounding cost of summation (accumulator u plus oracle u)
     reason: str
+    #: where the framework sums one term at a time (``SEQUENTIAL_SUMS``): what each element adds to the
+    #: partial sums (of the class sum and of both log-sum-exps), same shape; None for pairwise sums
+    summands: F64 | None = None
+
+    @property
+    def sequential(self) -> bool:
+        """The framework's sums add one term at a time (``SEQUENTIAL_SUMS``)."""
+        return self.summands is not None
 
     def elementwise(self) -> F64:
-        """Tolerance for each element of an unreduced pointwise loss."""
+        """Tolerance for each element of an unreduced pointwise loss. A sequential log-sum-exp's error
+        shifts every log-probability of its row, so it reaches each element too (``summands``)."""
+        if self.summands is not None:
+            n = self.elem_scale.shape[-1]
+            return np.asarray(self.coeff_elem * self.elem_scale + sequential_roundings(n) * self.u_sum * self.summands
+                              + self.floor, np.float64)  # fmt: skip
         return self.coeff_elem * self.elem_scale + self.floor
 
     def rows(self) -> F64:
         """Tolerance for each row sum (over the class axis)."""
         n = self.elem_scale.shape[-1]
+        if self.summands is not None:
+            return self._sequential(self.elem_scale.sum(axis=-1), self.floor.sum(axis=-1),
+                                    self.summands.sum(axis=-1), sequential_roundings(n))  # fmt: skip
         return self._summed(self.elem_scale.sum(axis=-1), self.floor.sum(axis=-1), n)
 
     def total(self) -> float:
         """Tolerance for the sum over every element."""
+        if self.summands is not None:
+            return float(self._sequential(self.elem_scale.sum(), self.floor.sum(), self.summands.sum(),
+                                          self._sum_roundings(self.elem_scale.size)))  # fmt: skip
         return float(self._summed(self.elem_scale.sum(), self.floor.sum(), self.elem_scale.size))
 
     def _summed(self, scale: F64 | np.floating, floor: F64 | np.floating, n: int) -> F64:
         log2n = math.log2(max(n, 2))
         return np.asarray((self.coeff_elem + log2n * self.u_sum) * scale + floor, dtype=np.float64)
+
+    def _sequential(self, scale: F64 | np.floating, floor: F64 | np.floating, summands: F64 | np.floating,
+                    roundings: float) -> F64:  # fmt: skip
+        """A sequential sum's bound: each of its ``roundings`` is off by at most u |partial sum|, every
+        partial sum at most the sum of ``summands`` (first order; see ``budget``). Not the e_j, as ``_summed``
+        takes for log2 n roundings: with n - 1 of them, the e_j's softmax-stage weights would make it n
+        times the size of the terms."""
+        return np.asarray(self.coeff_elem * scale + roundings * self.u_sum * summands + floor, dtype=np.float64)
+
+    def _sum_roundings(self, n: int) -> float:
+        """Roundings of a sequential sum of n elements: a row's classes one by one, then (over more than
+        one row) the row values one by one."""
+        classes = self.elem_scale.shape[-1] if self.elem_scale.ndim else n
+        rows = max(n // max(classes, 1), 1)
+        return sequential_roundings(min(n, classes)) + (sequential_roundings(rows) if rows > 1 else 0.0)
+
+
+def sequential_roundings(n: int) -> float:
+    """Roundings (first order, relative to the sum of |terms|) of a left-to-right sum of n terms: n - 1
+    (1 for n <= 2, as log2 2 of a pairwise sum)."""
+    return float(max(n - 1, 1))
 
 
 def _finite_or_zero(x: F64) -> F64:
@@ -193,6 +238,7 @@ def budget(
     row = table_row(framework, input_dtype)
     d_in, d_c, d_acc = dtype_info(input_dtype), dtype_info(compute_dtype), dtype_info(row.accumulate)
     u64 = DTYPES["float64"].unit_roundoff
+    sequential = (framework, input_dtype) in SEQUENTIAL_SUMS
     with np.errstate(invalid="ignore", over="ignore"):
         mt = np.max(np.where(np.isfinite(zt), np.abs(zt), 0.0), axis=-1, keepdims=True)
         ms = np.max(np.where(np.isfinite(zs), np.abs(zs), 0.0), axis=-1, keepdims=True)
@@ -225,12 +271,24 @@ def budget(
     # kernel sums in its own compute dtype (Keras computing float64 inputs in float32 sums in float32)
     reduced = d_c.name in ("float16", "bfloat16")
     u_sum = (d_acc.unit_roundoff if reduced else max(d_acc.unit_roundoff, d_c.unit_roundoff)) + u64
+    pairwise = f" + log2(n) (u_{d_acc.name} + u_float64)"
+    sequential_sum = (f"+ (n - 1) (u_{d_acc.name} + u_float64) * sum_j p_j (|log p_j| + |log q_j| + 2 + "
+                      "|log p_j - log q_j|) (sequential sums: the class sum and both log-sum-exps) ")  # fmt: skip
     reason = (
         f"error model: ({row.c_in:g} u_{d_in.name} + {row.c_kernel:g} u_{d_c.name} + "
-        f"{ORACLE_ROUNDINGS:g} u_float64 + log2(n) (u_{d_acc.name} + u_float64)) * sum_j e_j "
-        f"+ subnormal floor; row ({framework}, {input_dtype}): {row.reason}"
+        f"{ORACLE_ROUNDINGS:g} u_float64{'' if sequential else pairwise}) * sum_j e_j "
+        f"{sequential_sum if sequential else ''}+ subnormal floor; row ({framework}, {input_dtype}): {row.reason}"
     )
-    return Budget(np.asarray(elem, np.float64), np.asarray(floor, np.float64), coeff, u_sum, reason)
+    # Sequential sums (``Budget._sequential``): every rounding is off by at most u |partial sum|. The loss
+    # kernel's class sum: partial sums of p_j (log p_j - log q_j), at most sum_j p_j (|log p_j| + |log q_j|).
+    # The log-sum-exp of each softmax (exp terms > 0, so relative to the sum itself) is off by C - 1
+    # roundings, which shift every log p_j (or log q_j) alike: the KL moves by that times
+    # sum_j p_j (1 + log p_j - log q_j) for the teacher's, sum_j p_j for the student's.
+    summands = None
+    if sequential:
+        with np.errstate(invalid="ignore", over="ignore"):
+            summands = np.asarray(np.where(p > 0, p * (lp + lq + 2.0 + log_ratio), 0.0), np.float64)
+    return Budget(np.asarray(elem, np.float64), np.asarray(floor, np.float64), coeff, u_sum, reason, summands)
 
 
 # ------------------------------------------------------------------------------------ gradients
@@ -242,6 +300,19 @@ def budget(
 #: arithmetic is emulated and keeps subnormals (1e-3 * 1e-3 gives 1.01e-6). There a value below the
 #: smallest normal number N is off by up to N, not by half the smallest subnormal.
 FLUSH_TO_ZERO: Final = frozenset({("tensorflow", "float32"), ("tensorflow", "bfloat16"), ("tensorflow", "float64")})
+
+#: (framework, dtype) pairs whose CPU reductions add one term at a time, so that a sum of n terms takes
+#: n - 1 roundings, not the log2 n of a pairwise or cascade sum: the log-sum-exp of the softmax stage, the
+#: loss kernel's class sum, then the rows of a 'sum' / 'mean' (``Budget``). Measured: MLX's CPU ``mx.sum``
+#: over the last axis (Linux wheel) equals a float32 left-to-right loop bit for bit for 1000, 32000 and
+#: 128000 terms (relative error 5e-6 at 32000 where NumPy's pairwise sum errs by 3e-8), and its
+#: logsumexp over 32000 classes is off by 2.5e-5; float16 and bfloat16 accumulate the same way in float32.
+#: Paddle 3.3's CPU log_softmax (Eigen, float32 and float64) sums exp over the classes one by one (its
+#: log-sum-exp equals a left-to-right loop's to within a rounding: off by 383 u at 32000 float32 classes,
+#: 2663 u at 128000, where a pairwise sum is off by < 1 u); its softmax sums in 8 AVX lanes (float32:
+#: ceil(C / 8) + 3 roundings) or one by one (float64); paddle.mean accumulates in 8 lanes, paddle.sum in a tree.
+SEQUENTIAL_SUMS: Final = frozenset({("mlx", "float16"), ("mlx", "bfloat16"), ("mlx", "float32"),
+                                    ("paddle", "float32"), ("paddle", "float64")})  # fmt: skip
 
 
 def subnormal_error(framework: str, dtype: str) -> float:

@@ -13,7 +13,9 @@ from typing import Final
 from klparity.apis.base import ApiSpec, Expectation, GradModel
 from klparity.apis.keras_distillation import KerasLogitsDistillation
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
+from klparity.apis.mlx_kl_div import MlxKlDiv
 from klparity.apis.optax_kl import OptaxKl
+from klparity.apis.paddle_kl_div import PaddleKlDiv
 from klparity.apis.tf_keras_kl_divergence import TfKerasKlDivergence
 from klparity.apis.torch_distributions import TorchDistributionsKl
 from klparity.apis.torch_kl_div import TorchKlDiv
@@ -30,6 +32,8 @@ SPECS: dict[str, ApiSpec] = {
     "keras_distillation": KerasLogitsDistillation(),
     "trl_gkd": TrlGkd(),
     "tf_keras": TfKerasKlDivergence(),
+    "mlx_kl_div": MlxKlDiv(),
+    "paddle_kl_div": PaddleKlDiv(),
 }
 
 #: Not an API's own: any API whose result dtype overflows.

@@ -5,13 +5,22 @@ from __future__ import annotations
 from klparity.frameworks.base import DEVICES, LAYOUTS, Adapter, Api, Output, cap_native_threads
 from klparity.frameworks.jax_adapter import JaxAdapter
 from klparity.frameworks.keras_adapter import KerasAdapter
+from klparity.frameworks.mlx_adapter import MlxAdapter
+from klparity.frameworks.paddle_adapter import PaddleAdapter
 from klparity.frameworks.torch_adapter import TorchAdapter
 
 REGISTRY: dict[str, Adapter] = {
     "torch": TorchAdapter(),
     "tensorflow": KerasAdapter(),
     "jax": JaxAdapter(),
+    "mlx": MlxAdapter(),
+    "paddle": PaddleAdapter(),
 }
+
+
+def runs_user_losses() -> tuple[str, ...]:
+    """Frameworks whose adapter runs a user's loss (``Adapter.run_user_loss``, for ``klparity check``)."""
+    return tuple(n for n, a in REGISTRY.items() if type(a).run_user_loss is not Adapter.run_user_loss)
 
 
 def get(name: str) -> Adapter:
@@ -22,4 +31,5 @@ def get(name: str) -> Adapter:
         raise ValueError(f"unknown framework {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-__all__ = ["DEVICES", "LAYOUTS", "REGISTRY", "Adapter", "Api", "Output", "cap_native_threads", "get"]
+__all__ = ["DEVICES", "LAYOUTS", "REGISTRY", "Adapter", "Api", "Output", "cap_native_threads", "get",
+           "runs_user_losses"]

@@ -173,6 +173,11 @@ class Adapter(ABC):
         classes; taken as pairwise unless the adapter knows its kernels: log2 n + 1."""
         return math.log2(max(n, 2)) + 1.0
 
+    def reduction_roundings(self, reduction: str, n: int) -> float:
+        """Roundings (first order, relative to the sum of |terms|) of the framework's batch reduction
+        ``reduction`` over n terms; pairwise unless the adapter knows its kernel: log2 n."""
+        return math.log2(n)
+
     @abstractmethod
     def devices(self) -> tuple[str, ...]:
         """Devices usable now, a subset of ``DEVICES`` (imports the framework)."""
