@@ -27,6 +27,7 @@ from klparity import apis
 from klparity.cases import Case
 from klparity.dtypes import round_to, widen
 from klparity.frameworks import REGISTRY
+from klparity.frameworks.base import installed
 from klparity.tolerances import same_sum
 
 F64 = NDArray[np.float64]
@@ -52,6 +53,18 @@ class Fact:
     reason: str
     pinned: Value
     probe: Callable[[], Measured]
+    #: (module, extra) of a library the fact needs beyond its framework, or ("", "")
+    requires: tuple[str, str] = ("", "")
+
+    def missing(self) -> str | None:
+        """Why the fact cannot be measured here (its framework or library is absent), or None."""
+        adapter = REGISTRY[self.framework]
+        if not adapter.available():
+            return adapter.missing_reason()
+        module, extra = self.requires
+        if module and not installed(module):
+            return f"{module} is not installed: pip install 'klparity[{extra}]'"
+        return None
 
 
 FACTS: dict[str, Fact] = {}
@@ -60,13 +73,14 @@ FACTS: dict[str, Fact] = {}
 Probe = Callable[[], Measured]
 
 
-def fact(name: str, framework: str, statement: str, reason: str, pinned: Value) -> Callable[[Probe], Probe]:
-    """Register the decorated probe as the fact ``name``."""
+def fact(name: str, framework: str, statement: str, reason: str, pinned: Value,
+         requires: tuple[str, str] = ("", "")) -> Callable[[Probe], Probe]:  # fmt: skip
+    """Register the decorated probe as the fact ``name`` (``requires``: (module, extra) it needs)."""
 
     def register(probe: Probe) -> Probe:
         if name in FACTS:
             raise ValueError(f"pinned fact {name!r} registered twice")
-        FACTS[name] = Fact(name, framework, statement, reason, pinned, probe)
+        FACTS[name] = Fact(name, framework, statement, reason, pinned, probe, requires)
         return probe
 
     return register
@@ -158,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = 0
     for f in (facts[n] for n in names or facts):
-        if not REGISTRY[f.framework].available():
-            print(f"{f.name}: skipped, {REGISTRY[f.framework].missing_reason()}")
+        if f.missing():
+            print(f"{f.name}: skipped, {f.missing()}")
             continue
         ok, _, msg = probe(f)
         failed += not ok

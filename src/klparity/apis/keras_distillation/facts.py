@@ -44,6 +44,7 @@ def _measure(loss: str) -> Measured:
     "Keras's own distillation API, as documented ('KL divergence'), does not distil: the string resolves to the "
     "function, not the KLDivergence object its KL branch checks for. Pass loss='KLDivergence'",
     "mean of the clipped formula on logits / T",
+    requires=("keras.distillation", "tensorflow"),
 )  # fmt: skip
 def _default_loss() -> Measured:
     return _measure("kl_divergence")
@@ -55,6 +56,7 @@ def _default_loss() -> Measured:
     "softmax(s/T)) (Hinton)",
     "the working form of Keras's distillation loss: T² and the per-row mean, as torch users write it",
     "T² · mean KL",
+    requires=("keras.distillation", "tensorflow"),
 )  # fmt: skip
 def _kl_object() -> Measured:
     return _measure("KLDivergence")

@@ -17,6 +17,7 @@ FLOAT64_CLOSE = 1e-12
     "and its default reduction divides a (B, S, C) batch by the B·S tokens",
     "moving a distillation loss from tf.keras 2 to Keras 3 silently changes its dtype, not its divisor",
     {"dtype": "float64", "divisor": "B·S"},
+    requires=("tf_keras", "tf-keras"),
 )  # fmt: skip
 def _float64_tokens() -> Measured:
     import tensorflow as tf

@@ -13,6 +13,7 @@ from klparity.pinned import TEACHER_MASKED, THREE_D, Measured, fact, logits_in, 
     "(B·S, C) first, which gives the per-token mean)",
     "a sequence-distillation loss cannot pass its (B, S, C) logits as they are",
     "ValueError",
+    requires=("torchmetrics", "torchmetrics"),
 )  # fmt: skip
 def _rejects_3d() -> Measured:
     import torch
@@ -33,6 +34,7 @@ def _rejects_3d() -> Measured:
     "w.r.t. the student logits is NaN in every entry of the row (0 · log(0 / q) in the backward of p · log(p / q))",
     "distilling with a masked vocabulary through torchmetrics' KL trains on NaN gradients while the loss looks right",
     {"value": "finite", "gradient": "nan"},
+    requires=("torchmetrics", "torchmetrics"),
 )  # fmt: skip
 def _zero_teacher_grad() -> Measured:
     import torch

@@ -47,6 +47,7 @@ def _named(got: float, candidates: dict[str, float]) -> str:
     "reverse KL(student ‖ teacher), divided by T inside, with no T² factor",
     "GKD's beta picks the direction of the KL; a T² is the caller's to add (GKDTrainer passes no temperature)",
     {"beta 0": "forward KL sum / B", "beta 1": "reverse KL sum / B"},
+    requires=("trl", "trl"),
 )  # fmt: skip
 def _directions() -> Measured:
     t, s = logits_in(HOT)
@@ -63,6 +64,7 @@ def _directions() -> Measured:
     "reduction='batchmean' without labels divides the sum by size(0): B on (B, S, C) logits, not the B·S tokens",
     "sequence distillation without labels gets an S times larger loss than its per-token mean",
     "sum / B",
+    requires=("trl", "trl"),
 )  # fmt: skip
 def _batchmean() -> Measured:
     t, s = logits_in(THREE_D)
