@@ -416,3 +416,8 @@ class TorchAdapter(Adapter):
             yield
         finally:
             torch.set_num_threads(before)
+
+
+def torch_module() -> ModuleType:
+    """torch, imported through the adapter (thread settings applied before first use): for probes."""
+    return TorchAdapter()._torch()

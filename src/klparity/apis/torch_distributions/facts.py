@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import numpy as np
 
 from klparity import oracle
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.torch_adapter import TorchAdapter
+from klparity.frameworks.torch_adapter import torch_module as _torch
 from klparity.pinned import NAN, SMALL, Measured, fact, logits_in, recorded_warnings, to_np
-
-
-def _torch() -> ModuleType:
-    adapter = REGISTRY["torch"]
-    assert isinstance(adapter, TorchAdapter)
-    return adapter._torch()  # thread settings applied before first use
 
 
 @fact(

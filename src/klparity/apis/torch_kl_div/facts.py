@@ -5,7 +5,6 @@ re-measured on every run (see ``klparity.pinned``).
 from __future__ import annotations
 
 import math
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -13,8 +12,7 @@ import numpy as np
 from klparity import oracle
 from klparity.cases import Case
 from klparity.checks import Exact
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.torch_adapter import TorchAdapter
+from klparity.frameworks.torch_adapter import torch_module as _torch
 from klparity.pinned import (
     HOT,
     IDENTICAL,
@@ -34,12 +32,6 @@ from klparity.pinned import (
     which,
 )  # fmt: skip
 from klparity.tolerances import budget
-
-
-def _torch() -> ModuleType:
-    adapter = REGISTRY["torch"]
-    assert isinstance(adapter, TorchAdapter)
-    return adapter._torch()  # thread settings applied before first use
 
 
 def _torch_inputs(case: Case, dtype: str = "float64") -> tuple[Any, Any, Any]:

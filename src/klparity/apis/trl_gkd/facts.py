@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from klparity import oracle
 from klparity.cases import Case
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.torch_adapter import TorchAdapter
+from klparity.frameworks.torch_adapter import torch_module as _torch
 from klparity.pinned import THREE_D, Measured, fact, logits_in
 
 HOT = Case("gauss", (2, 3, 10), 2.0, 3.0)
@@ -18,11 +16,6 @@ HOT = Case("gauss", (2, 3, 10), 2.0, 3.0)
 #: factor S = 3 or T² = 4, or are other divergences
 FLOAT64_CLOSE = 1e-12
 
-
-def _torch() -> ModuleType:
-    adapter = REGISTRY["torch"]
-    assert isinstance(adapter, TorchAdapter)
-    return adapter._torch()
 
 
 def _loss(case: Case, beta: float, **kwargs: object) -> float:
