@@ -461,7 +461,11 @@ def grad_budget(
         sub_q = (qq > 0) & (qq < 2.0 * normal)
         # student: P_k and q_k S with their softmax-stage errors, plus the kernel's roundings
         # the probabilities multiply last: u * p underflows float64 for subnormal p
-        first_s = pw * (u_in * rt + u_k) + qq * (u_in * (s_tot * rs + rowsum(pw * rt)) + u_k * s_tot)
+        # the softmax stage's relative errors: exp of an exponent off by up to u_in rho, so expm1(u_in rho),
+        # not its first order u_in rho, which falls short once u_in rho nears 1 (bfloat16 logits / T in the
+        # thousands: exponents off by several units, probabilities by tens of times; u_in rho elsewhere)
+        et, es = np.expm1(u_in * rt), np.expm1(u_in * rs)
+        first_s = pw * (et + u_k) + qq * (s_tot * es + rowsum(pw * et) + u_k * s_tot)
         # error of a value below N: eta/2 when rounded to the subnormal grid; the value itself
         # (below 2 N, see above) when the framework flushes it to zero
         flushes = (framework, input_dtype) in FLUSH_TO_ZERO
@@ -474,7 +478,7 @@ def grad_budget(
         # p_k's error multiplies h_k and H separately: torch's kl_div backward rounds exp(target) to
         # the dtype while log_softmax's backward recomputes it in float32, so the two do not cancel
         first_t = pp * (
-            u_in * (rt * (ah + np.abs(big_h) + 1.0) + rs + rowsum(pp * (rt * (ah + 1.0) + rs)))
+            et * (ah + np.abs(big_h) + 1.0) + es + rowsum(pp * (et * (ah + 1.0) + es))
             + u_k * (ah + dh + rowsum(pp * ah))
         )
         sub_p = (pp > 0) & (pp < 2.0 * normal)
