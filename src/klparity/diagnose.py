@@ -694,12 +694,12 @@ def _clip_masks(prep: _Prepared, x: F64, z: F64) -> tuple[NDArray[np.bool_], NDA
         fin = np.isfinite(z)
         m = np.max(np.where(fin, np.abs(z), 0.0), axis=-1, keepdims=True)
         band = c_in * u * (np.where(fin, np.abs(z), 0.0) + m + log2c + 1.0)
-        # as gradients.clip_passes: a NaN passes the clip (and its gradient)
+        # as apis.keras_kl_divergence.clip_passes: a NaN passes the clip (and its gradient)
         return np.asarray(~((x * (1.0 - band) < prep.eps) | (x > 1.0))), np.asarray(x * (1.0 + band) < prep.eps)
 
 
 def _clipped_grad_model(formula: str, prep: _Prepared) -> tuple[F64, Callable[[float], F64]] | None:
-    """Keras's clipped formula differentiated exactly (``gradients.keras_grads``), for the student logits.
+    """Keras's clipped formula differentiated exactly (``apis.keras_kl_divergence.keras_grads``), for the student logits.
 
     A class whose y_pred is within rounding of eps may or may not pass the clip: it is taken as clipped,
     and the tolerance gains what passing would change, (a_k + q_k sum_j a_j) / T with a_j its clipped y_true.
