@@ -699,7 +699,8 @@ def _clip_masks(prep: _Prepared, x: F64, z: F64) -> tuple[NDArray[np.bool_], NDA
 
 
 def _clipped_grad_model(formula: str, prep: _Prepared) -> tuple[F64, Callable[[float], F64]] | None:
-    """Keras's clipped formula differentiated exactly (``apis.keras_kl_divergence.keras_grads``), for the student logits.
+    """Keras's clipped formula differentiated exactly (``apis.keras_kl_divergence.keras_grads``), for the
+    student logits.
 
     A class whose y_pred is within rounding of eps may or may not pass the clip: it is taken as clipped,
     and the tolerance gains what passing would change, (a_k + q_k sum_j a_j) / T with a_j its clipped y_true.
