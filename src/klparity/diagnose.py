@@ -35,7 +35,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -567,12 +567,9 @@ class _Prepared:
         the forward KL's budget covers the first, the reverse KL's (``swapped``) the second.
         """
         ex = self.ex
-        lm = np.logaddexp(math.log(beta) + ex.lp, math.log1p(-beta) + ex.lq)
+        lm = oracle.log_mixture(ex.lp, ex.lq, beta)
         rows = beta * oracle.kl_from_log_probs(ex.lp, lm) + (1.0 - beta) * oracle.kl_from_log_probs(ex.lq, lm)
-        rev = self.rows("swapped", False)[1]
-        both = replace(exact_budget, elem_scale=np.asarray(exact_budget.elem_scale + rev.elem_scale, np.float64),
-                       floor=np.asarray(exact_budget.floor + rev.floor, np.float64))  # fmt: skip
-        return np.asarray(rows, np.float64), both
+        return np.asarray(rows, np.float64), exact_budget.plus(self.rows("swapped", False)[1])
 
 
 def _divisor(reduction: str, shape: tuple[int, ...]) -> float:
@@ -664,7 +661,7 @@ def _grad_model(formula: str, prep: _Prepared, clipped: bool) -> tuple[F64, Call
     beta = jsd_beta(formula)
     if beta is not None:  # d JSD / d q_j = (1 − β) log(q_j / m_j), through the softmax of s / T
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            lm = np.logaddexp(math.log(beta) + ex.lp, math.log1p(-beta) + ex.lq)
+            lm = oracle.log_mixture(ex.lp, ex.lq, beta)
             g = np.where(ex.q > 0, (1.0 - beta) * (ex.lq - lm), 0.0)
             grad = ex.q * (g - np.sum(ex.q * g, axis=-1, keepdims=True)) / temp
         fwd, rev = gb(ex.lp, ex.lq, ex.zt, ex.zs, temp).student, gb(ex.lq, ex.lp, ex.zs, ex.zt, temp).teacher

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import html
 import math
 import re
@@ -89,8 +90,14 @@ def _short(api: str) -> str:
 
 def _elementwise(framework: str, api_id: str, reduction: str) -> bool:
     """The result of ``reduction`` is one value per class (not per row), as its API's spec says."""
+    return reduction == "none" and _none_is_elementwise(framework, api_id)
+
+
+@functools.cache
+def _none_is_elementwise(framework: str, api_id: str) -> bool:
+    """Whether the API's 'none' is per class, found once per API (the figures ask for every result)."""
     adapter = REGISTRY.get(framework)
-    if adapter is None or reduction != "none":
+    if adapter is None:
         return False
     api = next((a for d in adapter.dtypes for a in adapter.apis(d) if a.id == api_id), None)
     spec = SPECS.get(api.semantics) if api is not None else None

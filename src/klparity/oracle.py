@@ -592,6 +592,14 @@ def kl_from_probs(p: ArrayLike, q: ArrayLike) -> F64:
 # ----------------------------------------------------------------------------------------- torch
 
 
+def log_mixture(log_p: ArrayLike, log_q: ArrayLike, beta: float) -> F64:
+    """log(beta · p + (1 − beta) · q) elementwise, from the log-probabilities (log-sum-exp: no underflow), as
+    the generalized Jensen–Shannon divergence of GKD mixes teacher p and student q; 0 < beta < 1."""
+    lp, lq = _as_float64(log_p, "log_p"), _as_float64(log_q, "log_q")
+    with np.errstate(invalid="ignore"):
+        return np.asarray(np.logaddexp(math.log(beta) + lp, math.log1p(-beta) + lq), np.float64)
+
+
 def torch_pointwise(input: ArrayLike, target: ArrayLike, *, log_target: bool = False) -> F64:
     """torch.nn.functional.kl_div's elementwise loss, exactly, in float64.
 

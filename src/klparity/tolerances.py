@@ -156,6 +156,12 @@ class Budget:
         """The framework's sums add one term at a time (``SEQUENTIAL_SUMS``)."""
         return self.summands is not None
 
+    def plus(self, other: Budget) -> Budget:
+        """This budget with ``other``'s per-element scales and floors added (a loss whose summands are
+        bounded by the sum of two formulas' summands: the generalized JSD's forward and reverse KL)."""
+        return replace(self, elem_scale=np.asarray(self.elem_scale + other.elem_scale, np.float64),
+                       floor=np.asarray(self.floor + other.floor, np.float64))  # fmt: skip
+
     def elementwise(self) -> F64:
         """Tolerance for each element of an unreduced pointwise loss. A sequential log-sum-exp's error
         shifts every log-probability of its row, so it reaches each element too (``summands``)."""

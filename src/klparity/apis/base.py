@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
+from klparity import oracle
 from klparity.dtypes import dtype_info
 from klparity.frameworks.base import Api, GradOutput
-from klparity.tolerances import Budget, GradBudget, budget
+from klparity.tolerances import Budget, GradBudget, budget, table_row
 
 if TYPE_CHECKING:
     from klparity.checks import CheckResult, Exact
@@ -132,6 +133,56 @@ def log_space_golden(g: Golden, ex: Exact, log_target: bool, fw: str, compute: s
     where = "zero targets" if log_target else "classes masked on both sides"
     notes = [f"{int(nan_rows.sum())} rows NaN by the documented 0 * -inf on {where}"] if nan_rows.any() else []
     return GoldenExpected(rows, bud.rows(), total, bud.total(), notes)
+
+
+def rel_entr_masks(ex: Exact, framework: str, dtype: str) -> dict[str, NDArray[np.bool_]]:
+    """Per class: p or q surely 0 (``p_zero``, ``q_zero``) or surely nonzero (``p_kept``, ``q_kept``)
+    in ``dtype``, as ``rel_entr_inf_rows`` describes; ``nan_rows`` per row."""
+    info, row = dtype_info(dtype), table_row(framework, dtype)
+    log2c = math.log2(max(ex.p.shape[-1], 2))
+    log_half_eta = math.log(info.smallest_subnormal) - math.log(2.0)
+    log_normal = math.log(info.smallest_normal)
+
+    def zero_and_kept(z: F64, logp: F64) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+        with np.errstate(invalid="ignore"):
+            fin = np.isfinite(z)
+            m = np.max(np.where(fin, np.abs(z), 0.0), axis=-1, keepdims=True)
+            err = row.c_in * info.unit_roundoff * (np.where(fin, np.abs(z), 0.0) + m + log2c + 1.0)
+            unnormalised = logp - np.max(logp, axis=-1, keepdims=True)  # log exp(z_j - max z)
+            zero = (logp == -np.inf) | (unnormalised + err < log_half_eta)
+            kept = np.isfinite(logp) & (logp - err > log_normal)
+        return zero, kept
+
+    p_zero, p_kept = zero_and_kept(ex.zt, ex.lp)
+    q_zero, q_kept = zero_and_kept(ex.zs, ex.lq)
+    nan_rows = np.asarray(np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1), dtype=np.bool_)
+    return {"p_zero": p_zero, "p_kept": p_kept, "q_zero": q_zero, "q_kept": q_kept, "nan_rows": nan_rows}
+
+
+def probability_space_rows(ex: Exact, framework: str, dtype: str) -> tuple[F64, NDArray[np.bool_]]:
+    """Per-row value of a KL evaluated on probabilities rounded to ``dtype`` with NaN propagating: +inf
+    where the student's probability surely underflows to 0 under teacher mass, the term dropped where the
+    teacher's underflows (0 · anything = 0, even against a -inf student), the exact KL elsewhere; and the
+    rows where +inf is accepted too (an underflow within rounding error). The model of ``rel_entr_masks``.
+    """
+    masks = rel_entr_masks(ex, framework, dtype)
+    surely = np.any(masks["q_zero"] & masks["p_kept"], axis=-1)
+    possibly = surely | np.any(~masks["q_kept"] & ~masks["p_zero"], axis=-1)
+    dropped = (ex.lq == -np.inf) & ~masks["p_kept"]
+    value = np.where(surely, np.inf, oracle.kl_from_log_probs(np.where(dropped, -np.inf, ex.lp), ex.lq))
+    return np.asarray(value, np.float64), np.asarray(possibly & ~surely & ~masks["nan_rows"])
+
+
+def probability_space_differences(ex: Exact, framework: str, dtype: str, prefix: str) -> list[str]:
+    """``<prefix>.student_underflow_inf`` / ``<prefix>.teacher_underflow_hides_inf`` where they can apply."""
+    masks = rel_entr_masks(ex, framework, dtype)
+    found = []
+    finite_q = np.isfinite(ex.lq)
+    if np.any(~masks["q_kept"] & ~masks["p_zero"] & finite_q & ~masks["nan_rows"][..., None]):
+        found.append(f"{prefix}.student_underflow_inf")
+    if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~masks["p_kept"]):
+        found.append(f"{prefix}.teacher_underflow_hides_inf")
+    return found
 
 
 class ApiSpec:

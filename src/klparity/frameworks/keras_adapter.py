@@ -7,6 +7,7 @@ computed by ``tf.nn.softmax`` in the tested dtype. ``KLDivergence`` converts the
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 from collections.abc import Callable, Hashable
@@ -131,8 +132,11 @@ class KerasAdapter(Adapter):
                         requires=("tf_keras", "tf-keras")))  # fmt: skip
         return tuple(apis)
 
-    def _has_distillation(self) -> bool:
-        """keras.distillation exists (Keras 3.12 and later), from the distribution's version: no import."""
+    @staticmethod
+    @functools.cache
+    def _has_distillation() -> bool:
+        """keras.distillation exists (Keras 3.12 and later), from the distribution's version: no import
+        (read once per process: ``apis`` is asked for every dtype, and by the report for every row)."""
         try:
             major, minor = (int(x) for x in importlib.metadata.version("keras").split(".")[:2])
         except (importlib.metadata.PackageNotFoundError, ValueError):

@@ -7,20 +7,26 @@ Documented differences with their predicates (which depend on XLA:CPU flushing s
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, GoldenExpected, log_space_golden, underflow_meets_student_inf
+from klparity.apis.base import (
+    ApiSpec,
+    Expectation,
+    GoldenExpected,
+    log_space_golden,
+    rel_entr_masks,
+    underflow_meets_student_inf,
+)
 from klparity.dtypes import dtype_info, round_to, widen
 from klparity.frameworks.base import Api
 from klparity.frameworks.jax_adapter import KL as OPTAX_KL
 from klparity.frameworks.jax_adapter import KL_LOG_TARGETS as OPTAX_KL_LOG_TARGETS
 from klparity.frameworks.jax_adapter import REL_ENTR as JAX_REL_ENTR
-from klparity.tolerances import Budget, budget, table_row
+from klparity.tolerances import Budget, budget
 
 if TYPE_CHECKING:
     from klparity.checks import Exact
@@ -38,30 +44,6 @@ F64 = NDArray[np.float64]
 def xla_flushes(dtype: str) -> bool:
     """XLA:CPU flushes float32, bfloat16 and float64 subnormals to zero, not float16 (computed in float32)."""
     return dtype != "float16"
-
-
-def rel_entr_masks(ex: Exact, framework: str, dtype: str) -> dict[str, NDArray[np.bool_]]:
-    """Per class: p or q surely 0 (``p_zero``, ``q_zero``) or surely nonzero (``p_kept``, ``q_kept``)
-    in ``dtype``, as ``rel_entr_inf_rows`` describes; ``nan_rows`` per row."""
-    info, row = dtype_info(dtype), table_row(framework, dtype)
-    log2c = math.log2(max(ex.p.shape[-1], 2))
-    log_half_eta = math.log(info.smallest_subnormal) - math.log(2.0)
-    log_normal = math.log(info.smallest_normal)
-
-    def zero_and_kept(z: F64, logp: F64) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-        with np.errstate(invalid="ignore"):
-            fin = np.isfinite(z)
-            m = np.max(np.where(fin, np.abs(z), 0.0), axis=-1, keepdims=True)
-            err = row.c_in * info.unit_roundoff * (np.where(fin, np.abs(z), 0.0) + m + log2c + 1.0)
-            unnormalised = logp - np.max(logp, axis=-1, keepdims=True)  # log exp(z_j - max z)
-            zero = (logp == -np.inf) | (unnormalised + err < log_half_eta)
-            kept = np.isfinite(logp) & (logp - err > log_normal)
-        return zero, kept
-
-    p_zero, p_kept = zero_and_kept(ex.zt, ex.lp)
-    q_zero, q_kept = zero_and_kept(ex.zs, ex.lq)
-    nan_rows = np.asarray(np.isnan(ex.lp).any(axis=-1) | np.isnan(ex.lq).any(axis=-1), dtype=np.bool_)
-    return {"p_zero": p_zero, "p_kept": p_kept, "q_zero": q_zero, "q_kept": q_kept, "nan_rows": nan_rows}
 
 
 def rel_entr_inf_rows(
@@ -82,7 +64,7 @@ def rel_entr_inf_rows(
 
 
 def rel_entr_rows(m: dict[str, NDArray[np.bool_]]) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
-    """``rel_entr_inf_rows`` from the masks of ``_rel_entr_masks``."""
+    """``rel_entr_inf_rows`` from the masks of ``rel_entr_masks``."""
     surely = np.any(m["q_zero"] & m["p_kept"], axis=-1) | m["nan_rows"]
     possibly = surely | np.any(~m["q_kept"] & ~m["p_zero"], axis=-1)
     return surely, possibly
@@ -201,30 +183,4 @@ def _optax_differences(api: Api, ex: Exact, compute: str) -> list[str]:
             found.append("jax.rel_entr_nan_is_inf")
         if np.any(rel_entr_rows(masks)[1] & ~nan_rows):
             found.append("jax.rel_entr_underflow_inf")
-    return found
-
-
-def probability_space_rows(ex: Exact, framework: str, dtype: str) -> tuple[F64, NDArray[np.bool_]]:
-    """Per-row value of a KL evaluated on probabilities rounded to ``dtype`` with NaN propagating: +inf
-    where the student's probability surely underflows to 0 under teacher mass, the term dropped where the
-    teacher's underflows (0 · anything = 0, even against a -inf student), the exact KL elsewhere; and the
-    rows where +inf is accepted too (an underflow within rounding error). The model of ``rel_entr_masks``.
-    """
-    masks = rel_entr_masks(ex, framework, dtype)
-    surely = np.any(masks["q_zero"] & masks["p_kept"], axis=-1)
-    possibly = surely | np.any(~masks["q_kept"] & ~masks["p_zero"], axis=-1)
-    dropped = (ex.lq == -np.inf) & ~masks["p_kept"]
-    value = np.where(surely, np.inf, oracle.kl_from_log_probs(np.where(dropped, -np.inf, ex.lp), ex.lq))
-    return np.asarray(value, np.float64), np.asarray(possibly & ~surely & ~masks["nan_rows"])
-
-
-def probability_space_differences(ex: Exact, framework: str, dtype: str, prefix: str) -> list[str]:
-    """``<prefix>.student_underflow_inf`` / ``<prefix>.teacher_underflow_hides_inf`` where they can apply."""
-    masks = rel_entr_masks(ex, framework, dtype)
-    found = []
-    finite_q = np.isfinite(ex.lq)
-    if np.any(~masks["q_kept"] & ~masks["p_zero"] & finite_q & ~masks["nan_rows"][..., None]):
-        found.append(f"{prefix}.student_underflow_inf")
-    if np.any((ex.lq == -np.inf) & (ex.p > 0) & ~masks["p_kept"]):
-        found.append(f"{prefix}.teacher_underflow_hides_inf")
     return found

@@ -14,8 +14,13 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.apis.base import ApiSpec, Expectation
-from klparity.apis.optax_kl import probability_space_differences, probability_space_rows, rel_entr_masks
+from klparity.apis.base import (
+    ApiSpec,
+    Expectation,
+    probability_space_differences,
+    probability_space_rows,
+    rel_entr_masks,
+)
 from klparity.dtypes import dtype_info
 from klparity.frameworks.base import Api
 from klparity.tolerances import Budget, budget

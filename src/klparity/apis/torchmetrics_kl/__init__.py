@@ -15,8 +15,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, underflow_meets_student_inf
-from klparity.apis.optax_kl import probability_space_differences, probability_space_rows
+from klparity.apis.base import (
+    ApiSpec,
+    Expectation,
+    probability_space_differences,
+    probability_space_rows,
+    underflow_meets_student_inf,
+)
 from klparity.frameworks.base import Api
 from klparity.tolerances import Budget, budget
 

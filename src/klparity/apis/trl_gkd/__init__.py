@@ -105,15 +105,13 @@ class TrlGkd(ApiSpec):
             bud = _budget(side, framework, dtype, compute)
             nan_ok = maybe
         else:
-            with np.errstate(invalid="ignore"):
-                lm = np.logaddexp(math.log(beta) + ex.lp, math.log1p(-beta) + ex.lq)
+            lm = oracle.log_mixture(ex.lp, ex.lq, beta)
             value = beta * oracle.torch_pointwise(lm, ex.lp, log_target=True) + (1.0 - beta) * oracle.torch_pointwise(
                 lm, ex.lq, log_target=True)  # fmt: skip
             exact = beta * _exact_terms(ex.lp, ex.p, lm) + (1.0 - beta) * _exact_terms(ex.lq, ex.q, lm)
             fwd, rev = _budget(ex, framework, dtype, compute), _budget(_swapped(ex), framework, dtype, compute)
             # summands p|log p − log m| and q|log q − log m|, |log m| <= max(|log p|, |log q|): both budgets
-            bud = replace(fwd, elem_scale=np.asarray(fwd.elem_scale + rev.elem_scale, np.float64),
-                          floor=np.asarray(fwd.floor + rev.floor, np.float64))  # fmt: skip
+            bud = fwd.plus(rev)
             nan_ok = np.zeros(value.shape, dtype=bool)
         nan_rows = np.isnan(ex.rows)[..., None]
         exact = np.where(nan_rows, np.nan, exact)
