@@ -53,7 +53,7 @@ def time_pipeline(which: str, temperature: float) -> float:
     """Best time of one pipeline (``oracle`` or ``torch``), in this process, imported alone."""
     t, s = _pipeline_inputs()
     if which == "oracle":
-        from klparity.oracle import kl_from_logits
+        from klparity.numerics.oracle import kl_from_logits
 
         return best_of(lambda: kl_from_logits(t, s, temperature), repeat=30)
     import torch
@@ -85,7 +85,7 @@ def oracle_vs_torch(temperature: float) -> tuple[float, float, float]:
 
 
 def oracle_memory() -> tuple[float, float]:
-    from klparity.oracle import kl_from_logits
+    from klparity.numerics.oracle import kl_from_logits
 
     rng = np.random.default_rng(7)
     shape = (256, 128256)

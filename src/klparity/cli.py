@@ -13,12 +13,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from klparity import compare, goldens, grid
-from klparity.cases import case_by_id
-from klparity.checks import Cell, failure_message, run_cell
-from klparity.dtypes import DTYPE_NAMES
+from klparity import apis
+from klparity.engine import compare, grid
+from klparity.engine.forward import Cell, failure_message, run_cell
+from klparity.engine.report import HEADER, aggregate, environment, format_rows, write_json
 from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, runs_user_losses
-from klparity.report import HEADER, aggregate, environment, format_rows, write_json
+from klparity.numerics import goldens
+from klparity.numerics.cases import case_by_id
+from klparity.numerics.dtypes import DTYPE_NAMES
 
 
 class UsageError(Exception):
@@ -107,14 +109,14 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown framework {args.framework!r}; known: {', '.join(REGISTRY)}")
     if not adapter.available():
         raise UsageError(adapter.missing_reason())
-    apis = {a.id: a for a in adapter.apis(args.dtype)}
-    if args.api not in apis:
-        raise UsageError(f"unknown API {args.api!r} for {args.dtype}; known: {', '.join(apis)}")
+    known = {a.id: a for a in apis.entries(adapter.name, args.dtype)}
+    if args.api not in known:
+        raise UsageError(f"unknown API {args.api!r} for {args.dtype}; known: {', '.join(known)}")
     try:
         case = case_by_id(args.case)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    cell = Cell(args.framework, apis[args.api], case, args.dtype, args.device, args.layout)
+    cell = Cell(args.framework, known[args.api], case, args.dtype, args.device, args.layout)
     reason = grid.skip_reason(cell, args.seed)
     if reason:
         print(f"cannot run here: {reason}")
@@ -134,8 +136,8 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold shard reports into one (exit 2 on unreadable, incompatible or overlapping shards)."""
-    from klparity.compare import CompareError
-    from klparity.merge import run
+    from klparity.engine.compare import CompareError
+    from klparity.engine.merge import run
 
     try:
         print(run(args.shards, args.output))
@@ -146,8 +148,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_mutate(args: argparse.Namespace) -> int:
     """Run the suite once per mutant (and unmutated under several seeds); 1 if a mutant survived."""
-    from klparity import mutants as catalogue
-    from klparity.mutate import kill_rate, run_all
+    from klparity.engine import mutants as catalogue
+    from klparity.engine.mutate import kill_rate, run_all
 
     if args.list:
         for m in catalogue.MUTANTS:
@@ -259,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
                          "input.")  # fmt: skip
     chk.add_argument("target", metavar="FILE.py:FUNCTION", help="the loss: path/to/file.py:function or module:function")
     chk.add_argument("--framework", default=None, choices=runs_user_losses(),
-                     help="default: the one framework the file imports (keras counts as tensorflow)")  # fmt: skip
+                     help="default: the one framework the file imports (by the adapters' import names)")  # fmt: skip
     chk.add_argument("--inputs", default="student_logits,teacher_logits,temperature",
                      help="the function's positional arguments, in order: student_*, teacher_* and (unless "
                           "--temperature is given) temperature (default: %(default)s)")  # fmt: skip
@@ -269,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--expect", default="hinton",
                      help="what it returns, a comma list: one reduction of the per-row KL(teacher‖student) -- "
                           "mean (over all rows: B for (B, C), B·S tokens for (B, S, C)), batch (sum / B = "
-                          "shape[0], torch 'batchmean'), sum, per-token (no reduction) -- and t2 (times T², "
+                          "shape[0], the batchmean of log-space APIs), sum, per-token (no reduction) -- and t2 "
+                          "(times T², "
                           "Hinton) or no-t2 -- and the divergence: forward-kl (KL(teacher‖student), the "
                           "default), reverse-kl (KL(student‖teacher)) or jsd:BETA (generalized Jensen-Shannon "
                           "with weight BETA on the teacher, as TRL's GKD: jsd:0 is forward-kl, jsd:1 reverse-kl). "

@@ -2,8 +2,8 @@
 
 Built from the JSON-able per-check results (``CheckResult.to_dict()``) and the matrix rows
 (``report.aggregate``): error/tolerance heatmaps per API × dtype and per API × temperature, the
-relative error and error/tolerance against the vocabulary size, and Keras's clipping gap against the
-temperature, computed from the oracle (``oracle.keras_kl_divergence`` vs ``oracle.kl_from_logits``).
+relative error and error/tolerance against the vocabulary size, and each record's gap to the exact KL against the
+temperature, computed from the oracle and the records' formulas (each record's ``gap_figure``).
 ``write_html`` writes the PNGs next to the page and embeds them in it as base64, so the page needs
 nothing else (no script, no stylesheet, no link).
 """
@@ -28,12 +28,14 @@ from matplotlib.colors import Colormap, TwoSlopeNorm
 from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
-from klparity import oracle
+from klparity import apis
 from klparity.apis import DIFFERENCES, GRAD_DIFFERENCES, SPECS
-from klparity.cases import TEMPERATURES, Case, cases
-from klparity.dtypes import DTYPE_NAMES, round_to, widen
+from klparity.apis.base import GapFigure
+from klparity.engine.report import HEADER, Row, environment, format_rows
 from klparity.frameworks import REGISTRY
-from klparity.report import HEADER, Row, environment, format_rows
+from klparity.numerics import oracle
+from klparity.numerics.cases import TEMPERATURES, Case, cases
+from klparity.numerics.dtypes import DTYPE_NAMES, round_to, widen
 
 F64 = NDArray[np.float64]
 
@@ -58,8 +60,7 @@ FIGURES: Final = {  # file suffix -> caption
     "tightness-temperature": "Worst error / tolerance per API and temperature, one panel per dtype.",
     "error-vs-classes": "Largest relative error (reduced and per-row values; Gaussian logits at T 0.5 to 10) "
     "and worst error / tolerance (every case) against the number of classes C, per framework and dtype.",
-    "keras-clip-gap": "Keras's KLDivergence (both distributions clipped to [1e-7, 1], float64 formula on "
-    "float32-rounded logits) against the exact KL, batch mean, as the temperature varies.",
+    **{s.gap_figure.name: s.gap_figure.caption for s in SPECS.values() if s.gap_figure is not None},
 }
 
 
@@ -99,7 +100,7 @@ def _none_is_elementwise(framework: str, api_id: str) -> bool:
     adapter = REGISTRY.get(framework)
     if adapter is None:
         return False
-    api = next((a for d in adapter.dtypes for a in adapter.apis(d) if a.id == api_id), None)
+    api = next((a for d in adapter.dtypes for a in apis.entries(adapter.name, d) if a.id == api_id), None)
     spec = SPECS.get(api.semantics) if api is not None else None
     return bool(spec and spec.none_is_elementwise)
 
@@ -245,52 +246,50 @@ def error_vs_classes(results: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def clip_gap_data(temperatures: Sequence[float] = CLIP_TEMPERATURES) -> dict[str, tuple[F64, F64]]:
-    """Per clipping case: (exact batch-mean KL, Keras's clipped batch-mean KL) at each temperature.
+def gap_data(gap: GapFigure, temperatures: Sequence[float] = CLIP_TEMPERATURES) -> dict[str, tuple[F64, F64]]:
+    """Per case: (exact batch-mean KL, the API's batch value) at each temperature.
 
-    Both from the float64 oracle on float32-rounded logits (Keras computes in float32 by default); one
-    set of logits per case (the case at T = 1), so that only the temperature varies along a curve.
+    Both from float64 formulas on float32-rounded logits; one set of logits per case (the case at T = 1),
+    so that only the temperature varies along a curve.
     """
     out = {}
     for label, family, shape, param in CLIP_CASES:
-        exact, clipped = [], []
+        exact, api = [], []
         teacher, student = (widen(round_to(x, "float32")) for x in Case(family, shape, 1.0, param).logits())
         for t in temperatures:
             exact.append(float(np.mean(oracle.kl_from_logits(teacher, student, t))))
-            p, q = oracle.softmax(teacher, t), oracle.softmax(student, t)
-            if np.any((p < oracle.KERAS_EPSILON) | (q < oracle.KERAS_EPSILON)):
-                clipped.append(float(oracle.keras_kl_divergence(p, q, reduction="sum_over_batch_size")))
-            else:  # nothing clipped: the same number (the two float64 formulas round differently)
-                clipped.append(exact[-1])
-        out[label] = (np.array(exact), np.array(clipped))
+            value = gap.value(oracle.softmax(teacher, t), oracle.softmax(student, t))
+            # None: nothing departs, the same number (the two float64 formulas round differently)
+            api.append(exact[-1] if value is None else value)
+        out[label] = (np.array(exact), np.array(api))
     return out
 
 
-def keras_clip_gap(temperatures: Sequence[float] = CLIP_TEMPERATURES) -> Figure:
-    """Exact vs clipped KL, and Keras's relative shortfall, against the temperature."""
-    data = clip_gap_data(temperatures)
+def gap_figure(gap: GapFigure, temperatures: Sequence[float] = CLIP_TEMPERATURES) -> Figure:
+    """Exact vs the API's value, and its relative shortfall, against the temperature."""
+    data = gap_data(gap, temperatures)
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     FigureCanvasAgg(fig)
     ax_val, ax_gap = fig.subplots(1, 2)
     temps = np.asarray(temperatures)
     lowest = 0.0
-    for i, (label, (exact, clipped)) in enumerate(data.items()):
+    for i, (label, (exact, api)) in enumerate(data.items()):
         color = f"C{i}"
         ax_val.plot(temps, exact, "-", color=color, label=f"{label}: exact")
-        ax_val.plot(temps, clipped, "--", color=color, label=f"{label}: Keras (clipped)")
+        ax_val.plot(temps, api, "--", color=color, label=f"{label}: {gap.label}")
         with np.errstate(divide="ignore", invalid="ignore"):
-            gap = np.where(exact > 0, 100.0 * (exact - clipped) / exact, np.nan)
-        ax_gap.plot(temps, gap, "o-", color=color, markersize=3, label=label)
-        lowest = min(lowest, float(np.nanmin(gap)) if np.any(np.isfinite(gap)) else 0.0)
+            rel = np.where(exact > 0, 100.0 * (exact - api) / exact, np.nan)
+        ax_gap.plot(temps, rel, "o-", color=color, markersize=3, label=label)
+        lowest = min(lowest, float(np.nanmin(rel)) if np.any(np.isfinite(rel)) else 0.0)
     ax_val.set_xscale("log")
     ax_val.set_yscale("log")
     ax_val.set_ylabel("batch-mean KL(p‖q)")
-    ax_val.set_title("exact (solid) and Keras's clipped value (dashed)")
+    ax_val.set_title(gap.title_values)
     ax_gap.set_xscale("log")
     ax_gap.set_yscale("symlog", linthresh=GAP_LINEAR_BELOW)  # small gaps (T ≈ 1) stay visible next to 90 %
-    ax_gap.set_ylabel("(exact − Keras) / exact  [%]")
-    ax_gap.set_title("how far Keras's KLDivergence is below the exact KL")
-    if lowest >= 0.0:  # Keras is never above the exact value here: no room for the negative half
+    ax_gap.set_ylabel(gap.gap_label)
+    ax_gap.set_title(gap.title_gap)
+    if lowest >= 0.0:  # the API is never above the exact value here: no room for the negative half
         ax_gap.set_ylim(bottom=0.0)
     for ax in (ax_val, ax_gap):
         ax.set_xlabel("temperature T")
@@ -334,14 +333,22 @@ def _table(header: Sequence[str], body: Iterable[Sequence[str]], fails: Iterable
     return "\n".join(out)
 
 
-def figures(results: Sequence[dict[str, Any]]) -> dict[str, Figure]:
-    """Every figure of the report, by file suffix (``FIGURES``); the heatmaps need results."""
+def gap_figures(frameworks: Sequence[str] | None = None) -> list[GapFigure]:
+    """The records' gap figures, for the selected ``frameworks`` (None: every framework)."""
+    return [s.gap_figure for s in SPECS.values()
+            if s.gap_figure is not None and (frameworks is None or s.gap_figure.framework in frameworks)]  # fmt: skip
+
+
+def figures(results: Sequence[dict[str, Any]], frameworks: Sequence[str] | None = None) -> dict[str, Figure]:
+    """Every figure of the report, by file suffix (``FIGURES``); the heatmaps need results; the records'
+    gap figures only for the selected ``frameworks`` (None: every one)."""
     out: dict[str, Figure] = {}
     if results:
         out["tightness-dtype"] = tightness_by_dtype(results)
         out["tightness-temperature"] = tightness_by_temperature(results)
         out["error-vs-classes"] = error_vs_classes(results)
-    out["keras-clip-gap"] = keras_clip_gap()
+    for gap in gap_figures(frameworks):
+        out[gap.name] = gap_figure(gap)
     return out
 
 

@@ -18,12 +18,13 @@ from typing import Any, Protocol
 
 import pytest
 
-from klparity import grid
-from klparity.checks import ORACLES, Cell, CheckResult, failure_message, run_cell
-from klparity.dtypes import DTYPE_NAMES
+from klparity.engine import grid
+from klparity.engine.forward import Cell, failure_message, run_cell
+from klparity.engine.report import Collector, environment, plain_table, write_json
 from klparity.frameworks import DEVICES, REGISTRY, cap_native_threads
-from klparity.frameworks.jax_adapter import JAX_CACHE_ENV
-from klparity.report import Collector, environment, plain_table, write_json
+from klparity.model import CheckResult, CompileCache
+from klparity.numerics.dtypes import DTYPE_NAMES
+from klparity.numerics.exact import ORACLES
 
 _SELECTION_KEY = pytest.StashKey[grid.Selection]()
 
@@ -43,11 +44,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--klparity-oracle", default="numpy", choices=ORACLES,
                 help="exact per-row KL: numpy (log-space oracle, default) or scipy (sum of "
                      "scipy.special.rel_entr over the float64 softmax, a cross-check)")  # fmt: skip
-    g.addoption("--klparity-jax-cache", default="", metavar="DIR",
-                help="JAX's persistent compilation cache: DIR, or 'none' (default: klparity-jax in pytest's "
-                     "cache directory, none with -p no:cacheprovider)")  # fmt: skip
+    for cc in _compile_caches():
+        g.addoption(f"--klparity-{cc.option}", default="", metavar="DIR",
+                    help=f"{cc.help}: DIR, or 'none' (default: {cc.dirname} in pytest's cache directory, none "
+                         "with -p no:cacheprovider)")  # fmt: skip
     g.addoption("--klparity-scale", action="store_true", default=False,
-                help="run the scale tier (klparity.scale: C = 128256 and 256000, 2**28 elements, "
+                help="run the scale tier (klparity.engine.scale: C = 128256 and 256000, 2**28 elements, "
                      "several GiB of memory; skipped otherwise)")  # fmt: skip
     parser.addini("klparity_xfails", "file of expected failures: '<id substring>  # reason' per line", default="")
 
@@ -55,7 +57,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "equivalence: framework-vs-oracle parity checks (the product)")
     config.addinivalue_line("markers", "scale: the scale tier, run with --klparity-scale")
-    config.addinivalue_line("markers", "gpu: needs a CUDA / TF / JAX GPU device; skipped when none is visible")
+    config.addinivalue_line("markers", "gpu: needs a GPU device visible to its framework; skipped when none is visible")
     # registered by pytest-xdist too; here so that strict markers accept it without xdist
     config.addinivalue_line("markers", "xdist_group(name): run every test of the group in one xdist worker")
     opt = config.option
@@ -82,11 +84,12 @@ def pytest_configure(config: pytest.Config) -> None:
         threads = 1  # -n auto already runs one worker per core
     if threads is not None:
         cap_native_threads(threads)
-    jax_cache = _jax_cache_dir(config)
-    if jax_cache:  # read by the JAX adapter when it first imports JAX (in this process only)
-        os.environ[JAX_CACHE_ENV] = jax_cache
+    for cc in _compile_caches():
+        directory = _cache_dir(config, cc)
+        if directory:  # read by the adapter when it first imports its framework (in this process only)
+            os.environ[cc.env] = directory
     if opt.klparity_mutant:
-        from klparity import mutants
+        from klparity.engine import mutants
 
         try:
             mutants.install(mutants.get(opt.klparity_mutant))
@@ -99,15 +102,20 @@ def selection(config: pytest.Config) -> grid.Selection:
     return config.stash[_SELECTION_KEY]
 
 
-def _jax_cache_dir(config: pytest.Config) -> str | None:
-    """Where JAX keeps compiled kernels between runs: a cold run compiles ~200, a warm one none."""
-    choice = config.option.klparity_jax_cache
+def _compile_caches() -> list[CompileCache]:
+    """The persistent compilation caches the adapters offer (one ``--klparity-<option>`` each)."""
+    return [a.compile_cache for a in REGISTRY.values() if a.compile_cache is not None]
+
+
+def _cache_dir(config: pytest.Config, cc: CompileCache) -> str | None:
+    """Where a framework keeps compiled kernels between runs (a cold run compiles them all, a warm one none)."""
+    choice = getattr(config.option, "klparity_" + cc.option.replace("-", "_"))
     if choice == "none":
         return None
     if choice:
         return str(Path(choice).resolve())
     cache = getattr(config, "cache", None)  # absent with -p no:cacheprovider
-    return str(cache.mkdir("klparity-jax")) if cache is not None else None
+    return str(cache.mkdir(cc.dirname)) if cache is not None else None
 
 
 _NO_GPU_NODE = "no GPU device node (/dev/nvidia*, /dev/kfd, /dev/dxg) on this machine"
@@ -219,7 +227,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_generate_tests_gradients(metafunc: pytest.Metafunc) -> None:
     """Parametrise ``kl_grad_cell`` with the gradient cells of the selected tier."""
     if "kl_grad_cell" in metafunc.fixturenames:
-        from klparity.gradients import grad_cells
+        from klparity.engine.gradients import grad_cells
 
         _parametrize(metafunc, "kl_grad_cell", grad_cells(metafunc.config.stash[_SELECTION_KEY]))
 
@@ -228,7 +236,7 @@ def pytest_generate_tests_gradients(metafunc: pytest.Metafunc) -> None:
 def pytest_generate_tests_scale(metafunc: pytest.Metafunc) -> None:
     """Parametrise ``kl_scale_cell`` with the scale cells of the selection (skipped without --klparity-scale)."""
     if "kl_scale_cell" in metafunc.fixturenames:
-        from klparity import scale
+        from klparity.engine import scale
 
         extra = [] if metafunc.config.option.klparity_scale else [pytest.mark.skip(reason=scale.DISABLED_REASON)]
         cells = scale.cells(metafunc.config.stash[_SELECTION_KEY])
@@ -281,7 +289,7 @@ def klparity_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckR
 @pytest.fixture(scope="session")  # reads only the configuration: made once
 def klparity_grad_run(request: pytest.FixtureRequest) -> Callable[[Cell], list[CheckResult]]:
     """Run a gradient cell (skipping when it cannot run here), record its results, return them."""
-    from klparity.gradients import run_grad_cell
+    from klparity.engine.gradients import run_grad_cell
 
     return _recording_runner(request, lambda cell, seed: run_grad_cell(REGISTRY[cell.framework], cell, seed))
 

@@ -1,4 +1,4 @@
-"""Tests of ``klparity.cases``: stable ids, tiers, and bit-for-bit deterministic case arrays.
+"""Tests of ``klparity.numerics.cases``: stable ids, tiers, and bit-for-bit deterministic case arrays.
 
 Determinism is checked across calls and across processes: a child interpreter started with a
 different ``PYTHONHASHSEED`` must produce the same sha256 digest of every case's arrays.
@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klparity import cases, checks, oracle
-from klparity.cases import Case
+from klparity.engine import forward
+from klparity.numerics import cases, exact, oracle
+from klparity.numerics.cases import Case
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 DIGEST_SCRIPT = """
 import hashlib, sys
-from klparity import cases
+from klparity.numerics import cases
 h = hashlib.sha256()
 for case in cases.cases(sys.argv[1]):
     teacher, student = case.logits(int(sys.argv[2]))
@@ -253,16 +254,16 @@ def test_uniform_family_has_an_all_zero_teacher() -> None:
 def test_kept_inputs_are_shared_read_only_and_bounded() -> None:
     """Cells of one case and dtype share one read-only copy; the store never holds more than its limit."""
     case = cases.cases("quick")[0]
-    t, s = checks.rounded(case, 0, "float16")
-    again = checks.rounded(case, 0, "float16")
+    t, s = exact.rounded(case, 0, "float16")
+    again = exact.rounded(case, 0, "float16")
     assert again[0] is t and again[1] is s and str(t.dtype) == "float16"
     with pytest.raises(ValueError, match="read-only"):
         t[...] = 0
-    ex = checks.case_exact(case, 0, "float16")
-    assert checks.case_exact(case, 0, "float16") is ex and not ex.rows.flags.writeable
+    ex = exact.case_exact(case, 0, "float16")
+    assert exact.case_exact(case, 0, "float16") is ex and not ex.rows.flags.writeable
     np.testing.assert_array_equal(ex.teacher, t.astype(np.float64))  # the exact quantities of the rounded values
     block = np.zeros(1000)
-    small = checks._Kept(3 * block.nbytes)
+    small = exact._Kept(3 * block.nbytes)
     for i in range(5):
         small.get((i,), lambda i=i: (i, [block.copy()]))
     assert small.used <= small.limit and small.get((4,), lambda: (-1, [])) == 4
@@ -272,13 +273,13 @@ def test_kept_inputs_are_shared_read_only_and_bounded() -> None:
 def test_kept_inputs_change_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cell judged from kept inputs gives the very results it gives with nothing kept."""
     pytest.importorskip("torch")
-    from klparity import grid
+    from klparity.engine import grid
     from klparity.frameworks import REGISTRY
 
     sel = grid.Selection(frameworks=("torch",), dtypes=("float16",), devices=("cpu",))
     cells = [c for c in grid.cells(sel) if c.case.id in ("gauss3_8x1000_T1", "masked0.25_8x1000_T1", "nan_4x10_T1")]
-    kept = [r.to_dict() for c in cells for r in checks.run_cell(REGISTRY["torch"], c)]
-    kept += [r.to_dict() for c in cells for r in checks.run_cell(REGISTRY["torch"], c)]  # from the store
-    monkeypatch.setattr(checks, "_KEPT", checks._Kept(0))
-    fresh = [r.to_dict() for c in cells for r in checks.run_cell(REGISTRY["torch"], c)]
+    kept = [r.to_dict() for c in cells for r in forward.run_cell(REGISTRY["torch"], c)]
+    kept += [r.to_dict() for c in cells for r in forward.run_cell(REGISTRY["torch"], c)]  # from the store
+    monkeypatch.setattr(exact, "_KEPT", exact._Kept(0))
+    fresh = [r.to_dict() for c in cells for r in forward.run_cell(REGISTRY["torch"], c)]
     assert len(cells) >= 9 and kept == fresh + fresh

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from klparity import cli
-from klparity.report import aggregate, write_json
-from klparity.tolerances import HEADROOM_IGNORE_BELOW, HEADROOM_SHRINK_FACTOR
+from klparity.engine.report import aggregate, write_json
+from klparity.numerics.errormodel import HEADROOM_IGNORE_BELOW, HEADROOM_SHRINK_FACTOR
 
 
 def _check(api: str, dtype: str, case: str, tightness: float, ok: bool = True) -> dict[str, Any]:

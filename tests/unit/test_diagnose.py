@@ -370,7 +370,7 @@ def test_cli_exit_status_and_output(capsys: pytest.CaptureFixture[str]) -> None:
         ([f"{TORCH_FILE}:distilbert", "--inputs", "student,logits,T"], "unknown input 'logits'"),
         ([f"{TORCH_FILE}:distilbert", "--dtypes", "float8"], "unknown dtype 'float8'"),
         ([f"{TORCH_FILE}"], "expected FILE.py:FUNCTION"),
-        (["klparity.oracle:kl_from_logits"], "cannot infer the framework"),
+        (["klparity.numerics.oracle:kl_from_logits"], "cannot infer the framework"),
     ],
 )
 def test_cli_usage_errors_are_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -397,3 +397,21 @@ def test_a_loss_without_temperature_passes_under_temperature_1(capsys: pytest.Ca
                      "student_logits,teacher_logits"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0, out
+
+
+@pytest.mark.parametrize(
+    "reduction,divisors",
+    [
+        ("mean", (4, 6)),  # the rows: B, or B·S
+        ("batch", (4, 2)),  # the batch size B = shape[0]
+        ("sum", (1, 1)),
+        ("elements", (200, 300)),  # every element
+        ("per-token", (1, 1)),  # nothing divided
+        ("fixed:128", (128, 128)),
+    ],
+)
+def test_reductions_divide_as_the_records_do(reduction: str, divisors: tuple[int, int]) -> None:
+    """The checker's reductions are the API records' own (their ``divisor``), on (4, 50) and (2, 3, 50) logits."""
+    from klparity.diagnose.records import divisor
+
+    assert (divisor(reduction, (4, 50)), divisor(reduction, (2, 3, 50))) == divisors

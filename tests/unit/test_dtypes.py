@@ -1,4 +1,4 @@
-"""Tests of ``klparity.dtypes``: dtype constants, and rounding float64 values to the tested dtypes.
+"""Tests of ``klparity.numerics.dtypes``: dtype constants, and rounding float64 values to the tested dtypes.
 
 Expected values are derived by hand from each format's significand width (float16: 11 bits,
 bfloat16: 8, float32: 24, float64: 53), not read back from NumPy's or ml_dtypes' ``finfo``.
@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from klparity import dtypes
+from klparity.numerics import dtypes
 
 #: significand bits p (implicit bit included): unit roundoff 2**-p, eps 2**(1-p)
 PRECISION = {"float16": 11, "bfloat16": 8, "float32": 24, "float64": 53}

@@ -1,10 +1,10 @@
 """The golden files: complete, exact, reproducible bit for bit, and met by the float64 oracle.
 
-The goldens are mpmath references (``klparity.goldens``); here they are checked for integrity (sha256,
+The goldens are mpmath references (``klparity.numerics.goldens``); here they are checked for integrity (sha256,
 manifest), for the cases the issue asks for, for regeneration (a subset recomputed and compared bit
 for bit, the writer shown byte-deterministic; the full regeneration in the full tier), for precision
 (a subset recomputed at 80 digits gives the same float64 values), and the float64 oracle is held to
-them (``tolerances.oracle_vs_golden`` / ``tolerances.golden_gradient``).
+them (``errormodel.oracle_vs_golden`` / ``errormodel.golden_gradient``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import mpmath
 import numpy as np
 import pytest
 
-from klparity import cli, goldens, oracle, tolerances
-from klparity.dtypes import DTYPE_NAMES, round_to, widen
+from klparity import cli
+from klparity.numerics import errormodel, goldens, oracle
+from klparity.numerics.dtypes import DTYPE_NAMES, round_to, widen
+from klparity.numerics.exact import exact_of
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "fixtures"
@@ -125,7 +127,7 @@ def test_oracle_meets_the_goldens(stored: dict[str, goldens.Golden], dtype: str)
         assert np.array_equal(got[inf], g.kl[inf]), f"{g.id}: {got} vs {g.kl}"
         with np.errstate(invalid="ignore"):
             lp, lq = oracle.log_softmax(g.teacher, t), oracle.log_softmax(g.student, t)
-            tol = tolerances.oracle_vs_golden(g.kl, lp, lq, g.teacher / t, g.student / t)
+            tol = errormodel.oracle_vs_golden(g.kl, lp, lq, g.teacher / t, g.student / t)
             err = np.abs(got - g.kl)
             fin = np.isfinite(g.kl)
             # a zero tolerance (identical rows: KL exactly 0) demands an exact result
@@ -142,7 +144,7 @@ def test_oracle_softmax_difference_meets_the_golden_gradients(stored: dict[str, 
         p, q = np.exp(lp), np.exp(lq)
         with np.errstate(invalid="ignore"):
             got = (q - p) / t
-            tol = tolerances.golden_gradient("float64", t, p, q, lp, lq, g.teacher / t, g.student / t)
+            tol = errormodel.golden_gradient("float64", t, p, q, lp, lq, g.teacher / t, g.student / t)
         assert np.array_equal(np.isnan(got), np.isnan(g.grad)), g.id
         fin = np.isfinite(g.grad)
         assert np.all(np.abs(got[fin] - g.grad[fin]) <= tol[fin]), g.id
@@ -200,7 +202,7 @@ def test_writer_is_byte_deterministic(stored: dict[str, goldens.Golden], tmp_pat
 def test_full_regeneration_gives_identical_bytes(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if request.config.getoption("klparity_tier", default="quick") != "full":
         pytest.skip("full regeneration (~10-20 s of mpmath) runs in the full tier (--klparity-tier full)")
-    out = subprocess.run([sys.executable, "-m", "klparity.goldens", "regenerate", "--dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "klparity.numerics.goldens", "regenerate", "--dir", str(tmp_path)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert "wrote" in out.stdout
     for name in (goldens.NPZ_NAME, goldens.MANIFEST_NAME):
@@ -277,19 +279,18 @@ def test_locate_prefers_the_environment_variable(tmp_path: Path, monkeypatch: py
 def test_golden_judge_passes_unpatched_and_catches_a_drift(
     stored: dict[str, goldens.Golden], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``suite.test_goldens.judge`` on torch float32: clean as shipped, failing with a 1e-4 drift."""
+    """``engine.goldens.judge`` on torch float32: clean as shipped, failing with a 1e-4 drift."""
     torch = pytest.importorskip("torch")
     from klparity.apis import SPECS
-    from klparity.checks import Exact
+    from klparity.engine.goldens import judge, judge_gradient
     from klparity.frameworks import REGISTRY
-    from klparity.suite.test_goldens import judge
 
     picked = [stored[i] for i in ("article_3_T1-float32", "gauss3_4x10_T1-float32", "masked0.25_4x100_T1-float32")]
     adapter = REGISTRY["torch"]
     apis = [a for a in adapter.apis("float32") if SPECS[a.semantics].has_goldens() and not a.missing()]
     clean = [r for g in picked for api in apis for r in judge(adapter, api, g, "cpu")]
-    clean += [r for g in picked if (r := SPECS["torch"].golden_gradient(g, Exact.of(g.teacher, g.student,
-                                                                                  g.temperature))) is not None]
+    clean += [judge_gradient(gg, g) for g in picked
+              if (gg := SPECS["torch"].golden_gradient(g, exact_of(g.teacher, g.student, g.temperature))) is not None]
     assert clean and all(r.ok for r in clean), [p for r in clean for p in r.problems]
     assert any("masked on both sides" in d for r in clean for d in r.differences)
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from klparity import grid
-from klparity.checks import CheckResult
+from klparity.engine import grid
+from klparity.engine.gradients import grad_cells, run_grad_cell
 from klparity.frameworks import REGISTRY
-from klparity.gradients import grad_cells, run_grad_cell
+from klparity.model import CheckResult
 
 #: The size of the injected drift: 1 % on every gradient component.
 FACTOR = 1.01

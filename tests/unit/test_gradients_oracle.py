@@ -1,8 +1,8 @@
-"""Self-tests of the float64 gradient references (``klparity.gradients``), without any framework.
+"""Self-tests of the float64 gradient references (``klparity.engine.gradients``), without any framework.
 
 The exact gradients and the hand-derived API formulas are checked against mpmath central differences
 of the loss itself (100 digits, step 1e-20: truncation ~1e-40 relative), which share no code with
-the derivations; the judging bound is the float64 gradient budget of ``klparity.tolerances``. Small
+the derivations; the judging bound is the float64 gradient budget of ``klparity.numerics.errormodel``. Small
 hand examples pin the quirks (torch's NaN at a zero target, Keras's clip, float16 overflow).
 """
 
@@ -15,13 +15,14 @@ import mpmath as mp
 import numpy as np
 import pytest
 
-from klparity import goldens, oracle
 from klparity.apis import SPECS
 from klparity.apis.keras_kl_divergence import clip_passes, keras_clip_grad_gap_bound, keras_grads
+from klparity.apis.keras_kl_divergence import formula as keras_formula
 from klparity.apis.torch_kl_div import torch_grads
-from klparity.checks import Exact
-from klparity.exact_grads import exact_student_grad, exact_teacher_grad
-from klparity.tolerances import GradBudget, grad_budget, subnormal_error
+from klparity.numerics import goldens
+from klparity.numerics.errormodel import GradBudget, grad_budget, subnormal_error
+from klparity.numerics.exact import exact_of
+from klparity.numerics.exact_grads import exact_student_grad, exact_teacher_grad
 
 F64 = np.ndarray
 MP_DPS = 100  # the quotient loses 20 digits to the step and ~40 to the smallest gradients
@@ -34,12 +35,12 @@ def _rng(test_id: str) -> np.random.Generator:
 
 def _budget(teacher: F64, student: F64, temperature: float, *, keras: bool = False) -> GradBudget:
     """The float64 gradient budget of the suite (the oracle is a float64 computation like any other)."""
-    ex = Exact.of(teacher, student, temperature)
+    ex = exact_of(teacher, student, temperature)
     with np.errstate(invalid="ignore", divide="ignore"):
         if keras:
-            t, u = np.clip(ex.p, oracle.KERAS_EPSILON, 1.0), np.clip(ex.q, oracle.KERAS_EPSILON, 1.0)
+            t, u = np.clip(ex.p, keras_formula.KERAS_EPSILON, 1.0), np.clip(ex.q, keras_formula.KERAS_EPSILON, 1.0)
             h = np.log(t / u) + 1.0
-            weight = np.where(ex.q >= oracle.KERAS_EPSILON, t, 0.0)
+            weight = np.where(ex.q >= keras_formula.KERAS_EPSILON, t, 0.0)
         else:
             h = np.where(ex.p > 0, ex.lp + 1.0 - ex.lq, 0.0)
             weight = ex.p
@@ -65,7 +66,7 @@ def _mp_kl(teacher: Sequence[mp.mpf], student: Sequence[mp.mpf], temperature: mp
 
 
 def _mp_keras(teacher: Sequence[mp.mpf], student: Sequence[mp.mpf], temperature: mp.mpf) -> mp.mpf:
-    eps = mp.mpf(oracle.KERAS_EPSILON)
+    eps = mp.mpf(keras_formula.KERAS_EPSILON)
     p, q = _mp_softmax(teacher, temperature), _mp_softmax(student, temperature)
     t = [min(max(a, eps), mp.mpf(1)) for a in p]
     u = [min(max(b, eps), mp.mpf(1)) for b in q]
@@ -130,7 +131,7 @@ def test_torch_formula_equals_the_exact_gradient_on_finite_inputs(
 ) -> None:
     rng = _rng(name)
     teacher, student = rng.normal(0.0, scale, shape), rng.normal(0.0, scale, shape)
-    ex = Exact.of(teacher, student, temperature)
+    ex = exact_of(teacher, student, temperature)
     g_s, g_t = torch_grads(ex.lp if log_target else ex.p, ex.lq, temperature, log_target=log_target)
     bud = _budget(teacher, student, temperature)
     _within(g_s, exact_student_grad(teacher, student, temperature), bud.student(1.0), "torch d/ds")
@@ -163,8 +164,8 @@ def test_keras_clipped_gradient_matches_mpmath_central_differences(
 ) -> None:
     rng = _rng(name)
     teacher, student = rng.normal(0.0, scale, shape), rng.normal(0.0, scale, shape)
-    ex = Exact.of(teacher, student, temperature)
-    eps = oracle.KERAS_EPSILON
+    ex = exact_of(teacher, student, temperature)
+    eps = keras_formula.KERAS_EPSILON
     # central differences straddle the clip's kink only within STEP of eps: keep away from it
     assert np.all(np.abs(np.log(ex.q / eps)) > 1e-6) and np.all(np.abs(np.log(ex.p / eps)) > 1e-6)
     mp_s, mp_t = _mp_grads(_mp_keras, teacher, student, temperature)
@@ -186,7 +187,7 @@ def test_keras_clip_gives_no_gradient_below_epsilon() -> None:
     p = np.array([[0.3, 0.3, 0.4 - 1e-9, 1e-9]])
     q = np.array([[1e-9, 0.5, 0.3, 0.2 - 1e-9]])
     g_s, _ = keras_grads(p, q, 2.0)
-    t = np.clip(p, oracle.KERAS_EPSILON, 1.0)
+    t = np.clip(p, keras_formula.KERAS_EPSILON, 1.0)
     s = t[0, 1:].sum()
     expected = np.concatenate([[q[0, 0] * s], q[0, 1:] * s - t[0, 1:]])[None] / 2.0
     bud = _budget(np.log(p), np.log(q), 1.0, keras=True)  # softmax(log p) = p, at T = 1
@@ -225,7 +226,7 @@ def test_nan_logits_give_nan_gradient_rows_only() -> None:
     student = np.array([[0.0, 1.0, 2.0], [0.5, 0.0, -1.0]])
     for g in (exact_student_grad(teacher, student, 1.0), exact_teacher_grad(teacher, student, 1.0)):
         assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
-    ex = Exact.of(teacher, student, 1.0)
+    ex = exact_of(teacher, student, 1.0)
     for g in (*torch_grads(ex.p, ex.lq, 1.0, log_target=False), *keras_grads(ex.p, ex.q, 1.0)):
         assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1]))
 
@@ -267,7 +268,7 @@ def test_unknown_reduction_or_semantics_raise() -> None:
 def test_budget_grows_with_the_scale_and_the_dtype() -> None:
     rng = _rng("budget")
     teacher, student = rng.normal(0.0, 3.0, (4, 100)), rng.normal(0.0, 3.0, (4, 100))
-    ex = Exact.of(teacher, student, 1.0)
+    ex = exact_of(teacher, student, 1.0)
     h = ex.lp + 1.0 - ex.lq
 
     def bud(dtype: str) -> GradBudget:
@@ -284,7 +285,7 @@ def test_keras_nan_teacher_class_clipped_on_the_student_side_leaves_a_finite_stu
     """TF's clip passes the gradient of a NaN (NaN < eps is False) but zeroes it where y_pred < eps."""
     y_true = np.array([[0.0, np.nan, 0.0], [0.0, np.nan, 0.0]])  # TF float32 softmax of a row with a NaN
     y_pred = np.array([[0.5, 1e-9, 0.5 - 1e-9], [0.25, 0.5, 0.25]])  # row 0: the NaN class is clipped
-    assert np.all(clip_passes(y_true, oracle.KERAS_EPSILON)[:, 1])
+    assert np.all(clip_passes(y_true, keras_formula.KERAS_EPSILON)[:, 1])
     g_s, g_t = keras_grads(y_true, y_pred, 1.0)
     assert np.all(np.isfinite(g_s[0])) and np.all(np.isnan(g_s[1]))
     assert np.all(np.isnan(g_t))

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from klparity import grid
-from klparity.checks import CheckResult, run_cell
+from klparity.engine import grid
+from klparity.engine.forward import run_cell
 from klparity.frameworks import REGISTRY
+from klparity.model import CheckResult
 
 
 def _run(framework: str, dtype: str) -> list[CheckResult]:

@@ -1,7 +1,7 @@
 """The JAX adapter: its formulas on special values, x64 scoping, float32 truncation, devices, regressions.
 
 The equivalence suite judges the adapter on every case; these tests pin what it relies on: optax's
-formulas are ``oracle.torch_pointwise``'s in every special case, ``jax.scipy.special.rel_entr`` turns
+formulas are ``torch_formula.torch_pointwise``'s in every special case, ``jax.scipy.special.rel_entr`` turns
 NaN into +inf, float64 is enabled only inside a float64 cell, and without x64 JAX silently computes
 in float32 (which the suite must catch).
 """
@@ -16,12 +16,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from klparity import cases, grid, oracle
-from klparity.apis.base import Expectation
 from klparity.apis.optax_kl import rel_entr_inf_rows
-from klparity.checks import Cell, CheckResult, Exact, accept_inf_where_allowed, run_cell
-from klparity.frameworks import REGISTRY, Output
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.engine import grid
+from klparity.engine.forward import Cell, run_cell
+from klparity.engine.judge import accept_inf_where_allowed
+from klparity.frameworks import REGISTRY
 from klparity.frameworks.jax_adapter import KL, KL_LOG_TARGETS, REL_ENTR, JaxAdapter
+from klparity.model import CheckResult, Expectation, Output
+from klparity.numerics import cases, oracle
+from klparity.numerics.exact import exact_of
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
@@ -66,7 +70,7 @@ def test_optax_kl_divergence_is_torch_pointwise_on_special_values() -> None:
     p, lq = _pairs(P_SPECIAL, LQ_SPECIAL)
     with jax.enable_x64(True):
         got = np.asarray(optax.losses.kl_divergence(jnp.asarray(lq), jnp.asarray(p)))
-    want = np.sum(oracle.torch_pointwise(lq, p, log_target=False), axis=-1)
+    want = np.sum(torch_formula.torch_pointwise(lq, p, log_target=False), axis=-1)
     _same_special(got, want)
     # the masked-vocabulary NaN (p = 0, log q = -inf) is real, not an artefact of the model
     assert math.isnan(float(optax.losses.kl_divergence(jnp.array([NINF, 0.0]), jnp.array([0.0, 1.0]))))
@@ -76,7 +80,7 @@ def test_optax_log_targets_is_torch_log_target_pointwise_on_special_values() -> 
     lp, lq = _pairs((NINF, -700.0, -1.0, 0.0, NAN), LQ_SPECIAL)
     with jax.enable_x64(True):
         got = np.asarray(optax.losses.kl_divergence_with_log_targets(jnp.asarray(lq), jnp.asarray(lp)))
-    want = np.sum(oracle.torch_pointwise(lq, lp, log_target=True), axis=-1)
+    want = np.sum(torch_formula.torch_pointwise(lq, lp, log_target=True), axis=-1)
     _same_special(got, want)
 
 
@@ -173,7 +177,7 @@ def test_rel_entr_underflow_rows_are_predicted_and_real() -> None:
     """float32: q = exp(-200) underflows where p = exp(-10) does not, so the row is +inf; exact KL is finite."""
     teacher = np.array([[0.0, -10.0, 0.0], [0.0, -1.0, -2.0]])
     student = np.array([[0.0, -200.0, 0.0], [0.0, -1.5, -2.5]])
-    ex = Exact.of(teacher, student, 1.0)
+    ex = exact_of(teacher, student, 1.0)
     surely, possibly = rel_entr_inf_rows(ex, "jax", "float32")
     np.testing.assert_array_equal(surely, [True, False])
     np.testing.assert_array_equal(possibly, [True, False])
@@ -225,7 +229,7 @@ def test_apis_versions_and_registry() -> None:
 
 def test_listing_cells_does_not_import_jax() -> None:
     code = (
-        "import sys; from klparity import grid; from klparity.frameworks import REGISTRY; "
+        "import sys; from klparity.engine import grid; from klparity.frameworks import REGISTRY; "
         "a = REGISTRY['jax']; a.available(); a.version(); "
         "grid.cells(grid.Selection(frameworks=('jax',))); "
         "assert 'jax' not in sys.modules and 'optax' not in sys.modules, 'jax imported eagerly'"

@@ -3,7 +3,7 @@
 ``KERAS_BACKEND`` is read once, when Keras is first imported, so each backend runs in its own
 subprocess: it computes the loss class under every reduction on the quick cases in float32 (softmax by
 ``keras.ops`` on that backend) and prints the outputs as JSON. Here they are judged by ``run_cell``
-exactly as the TensorFlow adapter's are: against ``oracle.keras_kl_divergence`` (clip to [1e-7, 1], no
+exactly as the TensorFlow adapter's are: against ``keras_formula.keras_kl_divergence`` (clip to [1e-7, 1], no
 renormalisation) within the derived tolerance, and against the exact KL through the documented
 ``keras.clip_epsilon`` difference.
 """
@@ -19,10 +19,11 @@ import sys
 import numpy as np
 import pytest
 
-from klparity.cases import cases
-from klparity.checks import Cell, CheckResult, run_cell
-from klparity.frameworks import REGISTRY, Api, Output
+from klparity.engine.forward import Cell, run_cell
+from klparity.frameworks import REGISTRY
 from klparity.frameworks.keras_adapter import LOSS_CLASS, REDUCTIONS
+from klparity.model import Api, CheckResult, Output
+from klparity.numerics.cases import cases
 
 DTYPE = "float32"  # the tolerance rows for float16 / bfloat16 are per framework; float32's is shared
 
@@ -30,8 +31,8 @@ SCRIPT = f"""
 import json, warnings
 import numpy as np
 import keras
-from klparity.cases import cases
-from klparity.dtypes import round_to
+from klparity.numerics.cases import cases
+from klparity.numerics.dtypes import round_to
 from klparity.frameworks.keras_adapter import REDUCTIONS
 
 out = {{"backend": keras.backend.backend(), "cells": {{}}}}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from klparity import cli
-from klparity.report import aggregate, write_json
+from klparity.engine.report import aggregate, write_json
 
 
 def _check(framework: str, api: str, dtype: str, case: str, tightness: float, ok: bool = True,

@@ -2,7 +2,7 @@
 the sequential-sum budget, and that injected regressions (the mutants' patch point) reach the adapter.
 
 The equivalence suite judges the adapter on every case; these tests pin what it relies on: every tested
-dtype goes in and comes out exactly, ``kl_div_loss`` is ``oracle.torch_pointwise(log_target=True)`` summed
+dtype goes in and comes out exactly, ``kl_div_loss`` is ``torch_formula.torch_pointwise(log_target=True)`` summed
 per row in every special case (masked classes, a -inf student, NaN, teacher mass underflowing against a
 -inf student), and ``mlx.nn.losses.kl_div_loss`` is looked up at call time.
 """
@@ -16,15 +16,17 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from klparity import oracle
 from klparity.apis import SPECS
 from klparity.apis.mlx_kl_div import MlxKlDiv, rows_of
-from klparity.cases import Case
-from klparity.checks import Cell, CheckResult, Exact, run_cell
-from klparity.dtypes import dtype_info, round_to, widen
+from klparity.apis.pinning import kind
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.engine.forward import Cell, run_cell
 from klparity.frameworks.mlx_adapter import ENTRY, MlxAdapter
-from klparity.pinned import kind
-from klparity.tolerances import SEQUENTIAL_SUMS, budget, sequential_roundings
+from klparity.model import CheckResult
+from klparity.numerics.cases import Case
+from klparity.numerics.dtypes import dtype_info, round_to, widen
+from klparity.numerics.errormodel import budget, profile, sequential_roundings
+from klparity.numerics.exact import exact_of
 
 mx = pytest.importorskip("mlx.core")
 mlx_nn = pytest.importorskip("mlx.nn")
@@ -100,7 +102,7 @@ def test_kl_div_loss_is_torch_log_target_pointwise_on_special_values() -> None:
         _same_special(got, want)
         # where nothing underflows, that is torch's log_target formula exactly
         kept = ~flushed.any(axis=-1)
-        _same_special(want[kept], np.sum(oracle.torch_pointwise(lq, lp, log_target=True), axis=-1)[kept])
+        _same_special(want[kept], np.sum(torch_formula.torch_pointwise(lq, lp, log_target=True), axis=-1)[kept])
     # the masked-vocabulary NaN (teacher and student -inf on one class) is real, not an artefact of the model
     masked = mlx_nn.losses.kl_div_loss(mx.array([NINF, 0.0]), mx.array([NINF, 0.0]))
     assert math.isnan(float(ADAPTER.to_float64(masked)))
@@ -121,7 +123,7 @@ def test_spec_expectation_is_the_formula_on_special_values() -> None:
     """The spec's 'none' value equals MLX's formula evaluated directly in float64 on the exact log-probabilities
     (the surely-underflowing teacher mass made 0), and MLX's float32 output has the same special values."""
     teacher, student = _special_logits()
-    ex = Exact.of(teacher, student, 1.0)
+    ex = exact_of(teacher, student, 1.0)
     spec = MlxKlDiv()
     expected, _ = spec.expectations(API, ex, "float32", "float32", "mlx")
     lp = np.where(np.exp(ex.lp.astype(np.float32)) == 0, NINF, ex.lp)  # exp(-200) is 0 in float32
@@ -172,7 +174,7 @@ def test_mean_overflow_of_the_float16_sum_is_expected() -> None:
     although 20 fits."""
     teacher = np.tile(np.array([0.0, -20.0]), (4000, 1))
     student = np.tile(np.array([-20.0, 0.0]), (4000, 1))
-    ex = Exact.of(widen(round_to(teacher, "float16")), widen(round_to(student, "float16")), 1.0)
+    ex = exact_of(widen(round_to(teacher, "float16")), widen(round_to(student, "float16")), 1.0)
     spec = MlxKlDiv()
     expected, _ = spec.expectations(API, ex, "float16", "float16", "mlx")
     adjusted, hit = spec.adjust(expected)
@@ -182,10 +184,11 @@ def test_mean_overflow_of_the_float16_sum_is_expected() -> None:
 
 
 def test_sequential_sum_budget_counts_every_term() -> None:
-    """SEQUENTIAL_SUMS: C - 1 roundings per row, then R - 1 over the rows, each relative to the partial sums
+    """Sequential sums (the adapter's ``ErrorProfile.sequential_sums``): C - 1 roundings per row, then R - 1
+    over the rows, each relative to the partial sums
     (the summands, not the e_j); every other framework keeps log2 n times sum_j e_j, unchanged."""
-    assert ("mlx", "float32") in SEQUENTIAL_SUMS and ("torch", "float32") not in SEQUENTIAL_SUMS
-    ex = Exact.of(*Case("gauss", (4, 1000), 1.0, 3.0).logits(), 1.0)
+    assert "float32" in profile("mlx").sequential_sums and "float32" not in profile("torch").sequential_sums
+    ex = exact_of(*Case("gauss", (4, 1000), 1.0, 3.0).logits(), 1.0)
     kw: dict[str, Any] = dict(input_dtype="float32", compute_dtype="float32", p=ex.p, q=ex.q, zt=ex.zt, zs=ex.zs,
                               student_is_probability=False, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
     seq, pair = budget(framework="mlx", **kw), budget(framework="torch", **kw)

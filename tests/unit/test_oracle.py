@@ -1,4 +1,4 @@
-"""Self-tests of the float64 oracle (``klparity.oracle``).
+"""Self-tests of the float64 oracle (``klparity.numerics.oracle``).
 
 The oracle is what every framework result is judged against, so it is checked here against
 references that share none of its code: an mpmath evaluation at 50 significant digits, SciPy's
@@ -27,7 +27,9 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klparity import oracle
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.numerics import oracle
 
 REL_TOL = 1e-13  # kl_from_logits vs mpmath: each row within REL_TOL relative ...
 ABS_TOL = 1e-15  # ... or ABS_TOL absolute
@@ -513,7 +515,7 @@ LOG = math.log
 def test_torch_pointwise_hand_worked() -> None:
     q = [0.1, 0.6, 0.3]
     target = np.array([0.2, 0.3, 0.5])
-    result = oracle.torch_pointwise(np.log(q), target)
+    result = torch_formula.torch_pointwise(np.log(q), target)
     expected = [p * (LOG(p) - LOG(qq)) for p, qq in zip(target.tolist(), q, strict=True)]
     np.testing.assert_allclose(result, expected, rtol=1e-14, atol=0)
 
@@ -521,7 +523,7 @@ def test_torch_pointwise_hand_worked() -> None:
 def test_torch_pointwise_zero_target_and_neg_inf_input() -> None:
     inputs = np.array([NINF, -1.0, NINF, LOG(0.5)])
     target = np.array([0.0, 0.0, 0.3, 0.7])
-    result = oracle.torch_pointwise(inputs, target)
+    result = torch_formula.torch_pointwise(inputs, target)
     assert math.isnan(result[0])  # 0 * -inf = NaN, as torch computes it
     assert result[1] == 0.0  # xlogy(0, 0) - 0 * x = 0
     assert result[2] == math.inf
@@ -531,7 +533,7 @@ def test_torch_pointwise_zero_target_and_neg_inf_input() -> None:
 def test_torch_pointwise_log_target() -> None:
     inputs = np.array([LOG(0.25), NINF, -2.0, NINF])
     target = np.array([LOG(0.5), NINF, NINF, -1.0])
-    result = oracle.torch_pointwise(inputs, target, log_target=True)
+    result = torch_formula.torch_pointwise(inputs, target, log_target=True)
     assert result[0] == pytest.approx(0.5 * (LOG(0.5) - LOG(0.25)), rel=1e-14)
     assert math.isnan(result[1])  # exp(-inf) * (-inf - -inf) = 0 * NaN
     assert math.isnan(result[2])  # exp(-inf) * (-inf - x) = 0 * -inf
@@ -540,7 +542,7 @@ def test_torch_pointwise_log_target() -> None:
     lt = np.log(np.array([0.2, 0.3, 0.5]))
     x = np.log(np.array([0.1, 0.6, 0.3]))
     np.testing.assert_allclose(
-        oracle.torch_pointwise(x, lt, log_target=True), oracle.torch_pointwise(x, np.exp(lt)), rtol=1e-13
+        torch_formula.torch_pointwise(x, lt, log_target=True), torch_formula.torch_pointwise(x, np.exp(lt)), rtol=1e-13
     )
 
 
@@ -564,25 +566,25 @@ def test_torch_reductions(shape: tuple[int, ...], batch: int) -> None:
     x = np.log(rng.random(shape))
     pointwise = _torch_expected(x, y)
     total = math.fsum(pointwise.ravel().tolist())
-    np.testing.assert_allclose(oracle.torch_kl_div(x, y, reduction="none"), pointwise, rtol=1e-13, atol=1e-16)
-    assert float(oracle.torch_kl_div(x, y, reduction="sum")) == pytest.approx(total, rel=1e-13)
-    assert float(oracle.torch_kl_div(x, y, reduction="mean")) == pytest.approx(
+    np.testing.assert_allclose(torch_formula.torch_kl_div(x, y, reduction="none"), pointwise, rtol=1e-13, atol=1e-16)
+    assert float(torch_formula.torch_kl_div(x, y, reduction="sum")) == pytest.approx(total, rel=1e-13)
+    assert float(torch_formula.torch_kl_div(x, y, reduction="mean")) == pytest.approx(
         total / math.prod(shape), rel=1e-13
     )
-    assert float(oracle.torch_kl_div(x, y)) == pytest.approx(total / math.prod(shape), rel=1e-13)  # default
-    assert float(oracle.torch_kl_div(x, y, reduction="batchmean")) == pytest.approx(total / batch, rel=1e-13)
+    assert float(torch_formula.torch_kl_div(x, y)) == pytest.approx(total / math.prod(shape), rel=1e-13)  # default
+    assert float(torch_formula.torch_kl_div(x, y, reduction="batchmean")) == pytest.approx(total / batch, rel=1e-13)
 
 
 @pytest.mark.parametrize("reduction", ["batch_mean", "avg", "", "sum_over_batch_size"])
 def test_torch_invalid_reduction(reduction: str) -> None:
     with pytest.raises(ValueError, match="unknown torch reduction"):
-        oracle.torch_kl_div(np.log([0.5, 0.5]), np.array([0.5, 0.5]), reduction=reduction)
+        torch_formula.torch_kl_div(np.log([0.5, 0.5]), np.array([0.5, 0.5]), reduction=reduction)
 
 
 def test_torch_reduce_emits_no_warning_on_inf_minus_inf() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = oracle.torch_kl_div(np.array([math.inf, NINF]), np.array([0.5, 0.5]), reduction="sum")
+        result = torch_formula.torch_kl_div(np.array([math.inf, NINF]), np.array([0.5, 0.5]), reduction="sum")
     assert math.isnan(float(result))
 
 
@@ -590,21 +592,21 @@ def test_torch_reduce_emits_no_warning_on_inf_minus_inf() -> None:
 
 
 def test_keras_epsilon_is_pinned() -> None:
-    assert oracle.KERAS_EPSILON == 1e-7
+    assert keras_formula.KERAS_EPSILON == 1e-7
 
 
 def test_keras_clips_to_epsilon_and_one() -> None:
     eps = 1e-7
     # y_true [1, 0] -> [1, eps]; y_pred [0, 1] -> [eps, 1]
-    got = float(oracle.keras_kl_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]), reduction="none"))
+    got = float(keras_formula.keras_kl_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0]), reduction="none"))
     assert got == pytest.approx(1.0 * LOG(1.0 / eps) + eps * LOG(eps / 1.0), rel=1e-14)
     # values above 1 are clipped to 1
-    got = float(oracle.keras_kl_divergence(np.array([2.0, 0.5]), np.array([0.5, 0.5]), reduction="none"))
+    got = float(keras_formula.keras_kl_divergence(np.array([2.0, 0.5]), np.array([0.5, 0.5]), reduction="none"))
     assert got == pytest.approx(LOG(2.0), rel=1e-14)
 
 
 def test_keras_does_not_renormalise() -> None:
-    got = float(oracle.keras_kl_divergence(np.array([0.2, 0.2]), np.array([0.5, 0.5]), reduction="none"))
+    got = float(keras_formula.keras_kl_divergence(np.array([0.2, 0.2]), np.array([0.5, 0.5]), reduction="none"))
     assert got == pytest.approx(2 * 0.2 * LOG(0.2 / 0.5), rel=1e-14)  # renormalised it would be 0
     assert got < -0.3
 
@@ -618,10 +620,10 @@ def _keras_rows(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return np.array(rows).reshape(y_true.shape[:-1])
 
 
-@pytest.mark.parametrize("reduction", [*oracle.KERAS_REDUCTIONS, None])
+@pytest.mark.parametrize("reduction", [*keras_formula.KERAS_REDUCTIONS, None])
 def test_keras_one_dimensional_input_is_never_reduced(reduction: str | None) -> None:
     y_true, y_pred = np.array([0.1, 0.0, 0.9]), np.array([0.3, 0.3, 0.4])
-    result = oracle.keras_kl_divergence(y_true, y_pred, reduction=reduction)
+    result = keras_formula.keras_kl_divergence(y_true, y_pred, reduction=reduction)
     assert result.shape == ()
     assert float(result) == pytest.approx(float(_keras_rows(y_true, y_pred)), rel=1e-13)
 
@@ -634,44 +636,44 @@ def test_keras_reductions(shape: tuple[int, ...]) -> None:
     rows = _keras_rows(y_true, y_pred)
     total = math.fsum(rows.ravel().tolist())
     n_rows = math.prod(shape[:-1])  # B*S for (B, S, C)
-    np.testing.assert_allclose(oracle.keras_kl_divergence(y_true, y_pred, reduction="none"), rows, rtol=1e-13)
-    np.testing.assert_allclose(oracle.keras_kl_divergence(y_true, y_pred, reduction=None), rows, rtol=1e-13)
-    assert float(oracle.keras_kl_divergence(y_true, y_pred, reduction="sum")) == pytest.approx(
+    np.testing.assert_allclose(keras_formula.keras_kl_divergence(y_true, y_pred, reduction="none"), rows, rtol=1e-13)
+    np.testing.assert_allclose(keras_formula.keras_kl_divergence(y_true, y_pred, reduction=None), rows, rtol=1e-13)
+    assert float(keras_formula.keras_kl_divergence(y_true, y_pred, reduction="sum")) == pytest.approx(
         total, rel=1e-13
     )
     for reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
-        got = float(oracle.keras_kl_divergence(y_true, y_pred, reduction=reduction))
+        got = float(keras_formula.keras_kl_divergence(y_true, y_pred, reduction=reduction))
         assert got == pytest.approx(total / n_rows, rel=1e-13), reduction
-    assert float(oracle.keras_kl_divergence(y_true, y_pred)) == pytest.approx(total / n_rows, rel=1e-13)
+    assert float(keras_formula.keras_kl_divergence(y_true, y_pred)) == pytest.approx(total / n_rows, rel=1e-13)
 
 
 def test_keras_invalid_reduction() -> None:
     with pytest.raises(ValueError, match="unknown Keras reduction"):
-        oracle.keras_kl_divergence(np.full((2, 2), 0.5), np.full((2, 2), 0.5), reduction="batchmean")
+        keras_formula.keras_kl_divergence(np.full((2, 2), 0.5), np.full((2, 2), 0.5), reduction="batchmean")
 
 
 def test_keras_invalid_reduction_is_refused_for_one_dimensional_input() -> None:
     with pytest.raises(ValueError, match="unknown Keras reduction"):
-        oracle.keras_kl_divergence(np.full(2, 0.5), np.full(2, 0.5), reduction="batchmean")
+        keras_formula.keras_kl_divergence(np.full(2, 0.5), np.full(2, 0.5), reduction="batchmean")
 
 
 def test_keras_compute_max_overflow_gives_inf() -> None:
     y_true, y_pred = np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([[0.0, 1.0], [0.4, 0.6]])
-    exact = oracle.keras_kl_divergence(y_true, y_pred, reduction="none")
+    exact = keras_formula.keras_kl_divergence(y_true, y_pred, reduction="none")
     assert np.all(np.isfinite(exact)) and exact[0] > 16  # log(1e7) = 16.1
     fp16_max = 65504.0
-    capped = oracle.keras_kl_divergence(y_true, y_pred, reduction="none", compute_max=fp16_max)
+    capped = keras_formula.keras_kl_divergence(y_true, y_pred, reduction="none", compute_max=fp16_max)
     assert capped[0] == math.inf  # 1 / 1e-7 overflows float16
     assert capped[1] == exact[1]  # ratios 1.25 and 0.83 do not
-    assert float(oracle.keras_kl_divergence(y_true, y_pred, compute_max=fp16_max)) == math.inf
+    assert float(keras_formula.keras_kl_divergence(y_true, y_pred, compute_max=fp16_max)) == math.inf
 
 
 def test_keras_clip_gap_bound_is_zero_without_clipping() -> None:
     teacher, student, temperature = _random_distributions("test_oracle.gap_zero", (4, 10))
     p, q = oracle.softmax(teacher, temperature * 10), oracle.softmax(student, temperature * 10)
     assert p.min() > 1e-7 and q.min() > 1e-7
-    assert oracle.keras_clip_gap_bound(p, q).tolist() == [0.0] * 4
-    assert oracle.keras_clip_gap_bound([0.5, 0.5 - 1e-8, 1e-8], [0.3, 0.3, 0.4]) > 0
+    assert keras_formula.keras_clip_gap_bound(p, q).tolist() == [0.0] * 4
+    assert keras_formula.keras_clip_gap_bound([0.5, 0.5 - 1e-8, 1e-8], [0.3, 0.3, 0.4]) > 0
 
 
 def test_keras_clip_gap_bound_bounds_the_actual_gap() -> None:
@@ -683,8 +685,8 @@ def test_keras_clip_gap_bound_bounds_the_actual_gap() -> None:
         p, q = oracle.softmax(teacher, temperature), oracle.softmax(student, temperature)
         assert p.min() > 0 and q.min() > 0  # no underflow: the exact KL is finite
         exact = oracle.kl_from_probs(p, q)
-        clipped = oracle.keras_kl_divergence(p, q, reduction="none")
-        bound = oracle.keras_clip_gap_bound(p, q)
+        clipped = keras_formula.keras_kl_divergence(p, q, reduction="none")
+        bound = keras_formula.keras_clip_gap_bound(p, q)
         gap = np.abs(clipped - exact)
         assert np.all(gap <= bound + 1e-14 * (1.0 + np.abs(exact))), (gap, bound)
         gaps.append(gap)
@@ -692,7 +694,7 @@ def test_keras_clip_gap_bound_bounds_the_actual_gap() -> None:
 
 
 def test_keras_clip_gap_bound_is_inf_when_exact_kl_is() -> None:
-    assert float(oracle.keras_clip_gap_bound([0.5, 0.5], [1.0, 0.0])) == math.inf
+    assert float(keras_formula.keras_clip_gap_bound([0.5, 0.5], [1.0, 0.0])) == math.inf
 
 
 # ------------------------------------------------------------------------- input validation
@@ -701,10 +703,10 @@ TWO_ARRAY_APIS: dict[str, Callable[[Any, Any], Any]] = {
     "kl_from_logits": oracle.kl_from_logits,
     "kl_from_log_probs": oracle.kl_from_log_probs,
     "kl_from_probs": oracle.kl_from_probs,
-    "torch_kl_div": oracle.torch_kl_div,
-    "torch_pointwise": oracle.torch_pointwise,
-    "keras_kl_divergence": oracle.keras_kl_divergence,
-    "keras_clip_gap_bound": oracle.keras_clip_gap_bound,
+    "torch_kl_div": torch_formula.torch_kl_div,
+    "torch_pointwise": torch_formula.torch_pointwise,
+    "keras_kl_divergence": keras_formula.keras_kl_divergence,
+    "keras_clip_gap_bound": keras_formula.keras_clip_gap_bound,
 }
 
 
@@ -770,7 +772,7 @@ def test_complex_dtype_is_refused(dtype: type) -> None:
     with pytest.raises(ValueError, match=r"floating dtype.*complex"):
         oracle.kl_from_logits(x, x)
     with pytest.raises(ValueError, match=r"floating dtype.*complex"):
-        oracle.torch_kl_div(x, x)
+        torch_formula.torch_kl_div(x, x)
 
 
 @pytest.mark.parametrize("scalar", [1.0, np.float64(1.0), np.array(1.0)], ids=repr)
@@ -778,7 +780,7 @@ def test_scalar_input_is_refused(scalar: Any) -> None:
     with pytest.raises(ValueError, match="at least one axis"):
         oracle.kl_from_logits(scalar, scalar)
     with pytest.raises(ValueError, match="at least one axis"):
-        oracle.keras_kl_divergence(scalar, scalar)
+        keras_formula.keras_kl_divergence(scalar, scalar)
 
 
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (2, 2, 0)])

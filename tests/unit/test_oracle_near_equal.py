@@ -28,11 +28,12 @@ import mpmath as mp
 import numpy as np
 import pytest
 
-from klparity import oracle
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.numerics import oracle
 
 #: The accuracy the oracle promises (issue #13): every elementwise term and every row KL within this
 #: relative error of the exact value of its float64 inputs. A requirement under test, not a tolerance
-#: of a framework comparison (those live in ``klparity.tolerances``).
+#: of a framework comparison (those live in ``klparity.numerics.errormodel``).
 ORACLE_REL_ACCURACY = 1e-13
 MP_DPS = 60
 
@@ -106,16 +107,17 @@ def test_near_equal_terms_and_rows_match_mpmath(family: str, c: int, k: int) -> 
     ratio = q / p
     assert np.all((ratio > 1 - 4 * 10.0**-k) & (ratio < 1 + 4 * 10.0**-k)), "not a near-equal pair"
     # Keras clips to [epsilon, 1]; nothing here is below epsilon, but the reference clips as Keras does
-    assert p.min() > oracle.KERAS_EPSILON and q.min() > oracle.KERAS_EPSILON
-    t, u = np.clip(p, oracle.KERAS_EPSILON, 1.0), np.clip(q, oracle.KERAS_EPSILON, 1.0)
+    assert p.min() > keras_formula.KERAS_EPSILON and q.min() > keras_formula.KERAS_EPSILON
+    t, u = np.clip(p, keras_formula.KERAS_EPSILON, 1.0), np.clip(q, keras_formula.KERAS_EPSILON, 1.0)
     exact, exact_keras = _mp_terms(p, q), _mp_terms(t, u)
 
     errors = {
         "kl_from_probs rows": _max_row_err(oracle.kl_from_probs(p, q), exact),
-        "keras_kl_divergence rows": _max_row_err(oracle.keras_kl_divergence(p, q, reduction="none"), exact_keras),
-        "keras_pointwise terms": _max_term_err(oracle.keras_pointwise(p, q), exact_keras),
+        "keras_kl_divergence rows": _max_row_err(keras_formula.keras_kl_divergence(p, q, reduction="none"),
+                                                 exact_keras),
+        "keras_pointwise terms": _max_term_err(keras_formula.keras_pointwise(p, q), exact_keras),
         # epsilon = the smallest subnormal: no clipping at all, the plain elementwise p log(p/q)
-        "unclipped pointwise terms": _max_term_err(oracle.keras_pointwise(p, q, epsilon=5e-324), exact),
+        "unclipped pointwise terms": _max_term_err(keras_formula.keras_pointwise(p, q, epsilon=5e-324), exact),
     }
     bad = {name: err for name, err in errors.items() if not err <= ORACLE_REL_ACCURACY}
     assert not bad, f"{case_id}: relative errors above {ORACLE_REL_ACCURACY}: {bad}"
@@ -158,7 +160,7 @@ def test_mixed_near_and_far_classes_match_mpmath() -> None:
     q = np.concatenate([tiny_q] + [g[1] for g in groups])
     exact = _mp_terms(p, q)
     assert _max_row_err(oracle.kl_from_probs(p, q), exact) <= ORACLE_REL_ACCURACY
-    assert _max_term_err(oracle.keras_pointwise(p, q, epsilon=5e-324), exact) <= ORACLE_REL_ACCURACY
+    assert _max_term_err(keras_formula.keras_pointwise(p, q, epsilon=5e-324), exact) <= ORACLE_REL_ACCURACY
     one_by_one = np.array([float(oracle.kl_from_probs(p[i], q[i])) for i in range(p.shape[0])])
     # rows 0-11 near only, 12-21 mostly near, 22-31 mostly far, 32-41 far only; a block is one of them
     # (one row at a time) or mostly near with far-only rows in it, or mostly far with near-only rows
@@ -198,4 +200,4 @@ def test_special_values_keep_their_semantics_next_to_near_classes() -> None:
             assert got == want or abs(got - want) <= ORACLE_REL_ACCURACY * abs(want), (a, b, got, want)
     p = np.array([[0.5, 0.5], [0.3, 0.7]])
     assert oracle.kl_from_probs(p, p.copy()).tolist() == [0.0, 0.0]  # identical rows: exactly 0
-    assert oracle.keras_pointwise(p, p.copy()).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert keras_formula.keras_pointwise(p, p.copy()).tolist() == [[0.0, 0.0], [0.0, 0.0]]

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from klparity import grid, mutants
 from klparity.apis import SPECS
 from klparity.apis.paddle_kl_div import CLIP, paddle_log_softmax, paddle_pointwise, paddle_softmax
-from klparity.cases import Case
-from klparity.checks import Cell, case_exact, run_cell
+from klparity.engine import grid, mutants
+from klparity.engine.forward import Cell, run_cell
 from klparity.frameworks import REGISTRY
 from klparity.frameworks.paddle_adapter import ENTRY, PaddleAdapter
+from klparity.numerics.cases import Case
+from klparity.numerics.exact import case_exact
 
 with warnings.catch_warnings():  # `import paddle` warns "No ccache found" (the adapter records it)
     warnings.simplefilter("ignore", UserWarning)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from klparity.pinned import FACTS, check
+from klparity.apis.pinning import FACTS
+from klparity.engine.pinned import check
 
 
 def test_a_fact_that_stops_holding_says_which_old_new_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,5 +24,6 @@ def test_a_fact_that_stops_holding_says_which_old_new_and_version(monkeypatch: p
     # nn.KLDivLoss passes its own default ('mean') explicitly, so only the function changed
     assert got.value["F.kl_div"] == "B" and got.value["nn.KLDivLoss"] == "numel"
     for part in ("'torch.default_reduction_mean' NO LONGER HOLDS", f"torch {torch.__version__}", "pinned: ",
-                 "'F.kl_div': 'numel'", "now: ", "'F.kl_div': 'B'", "repro: python -m klparity.pinned"):  # fmt: skip
+                 "'F.kl_div': 'numel'", "now: ", "'F.kl_div': 'B'",
+                 "repro: python -m klparity.engine.pinned"):  # fmt: skip
         assert part in message, message

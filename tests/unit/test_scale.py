@@ -1,8 +1,8 @@
 """The scale tier's machinery on a small instance: chunked references equal the unchunked ones.
 
-``klparity.scale`` builds references and tolerances block by block so that 2**28-element cases fit in
+``klparity.engine.scale`` builds references and tolerances block by block so that 2**28-element cases fit in
 memory. Here the same code runs on C = 1000 over 2 x 8 rows with 3-row blocks (uneven, so the last
-block is short) and is compared with what ``checks.run_cell`` computes on the whole arrays.
+block is short) and is compared with what ``forward.run_cell`` computes on the whole arrays.
 """
 
 from __future__ import annotations
@@ -18,13 +18,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from klparity import apis, checks, grid, oracle, scale
-from klparity.apis.base import Expectation
-from klparity.cases import Case
-from klparity.checks import Exact
-from klparity.dtypes import round_to, widen
-from klparity.frameworks import REGISTRY, Api, Output
-from klparity.tolerances import budget
+from klparity import apis
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.engine import forward, grid, scale
+from klparity.frameworks import REGISTRY
+from klparity.model import Api, Expectation, Output
+from klparity.numerics import exact
+from klparity.numerics.cases import Case
+from klparity.numerics.dtypes import round_to, widen
+from klparity.numerics.errormodel import budget
+from klparity.numerics.exact import exact_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = scale.ScaleCase((2, 8, 1000), 1.0)
@@ -37,9 +41,9 @@ def _small_cells() -> list[scale.ScaleCell]:
 
 
 def _unchunked(cell: scale.ScaleCell) -> dict[str, Expectation]:
-    """``checks.run_cell``'s expectations on the whole arrays (the API spec's ``expectations``)."""
+    """``forward.run_cell``'s expectations on the whole arrays (the API spec's ``expectations``)."""
     t, s = scale.logits(cell.case, cell.dtype)
-    ex = Exact.of(widen(t), widen(s), cell.case.temperature)
+    ex = exact_of(widen(t), widen(s), cell.case.temperature)
     return apis.spec(cell.api).expectations(cell.api, ex, cell.dtype, cell.compute, cell.framework)[0]
 
 
@@ -74,7 +78,7 @@ def test_budget_total_of_blocks_is_the_budget_of_the_whole_sum() -> None:
     t2, s2 = widen(t).reshape(-1, 1000), widen(s).reshape(-1, 1000)
 
     def bud(rows: slice) -> Any:
-        ex = Exact.of(t2[rows], s2[rows], 1.0)
+        ex = exact_of(t2[rows], s2[rows], 1.0)
         return budget(framework="torch", input_dtype="float32", compute_dtype="float32", p=ex.p, q=ex.q, zt=ex.zt,
                       zs=ex.zs, student_is_probability=False, log_p=ex.lp, log_q=ex.lq)  # fmt: skip
 
@@ -96,11 +100,11 @@ def test_divisors_are_the_oracle_reductions() -> None:
     pw = np.random.default_rng(0).random((2, 3, 5))
     for red in ("sum", "mean", "batchmean", "default"):
         name, div = scale.divisor(TORCH_API, red, pw.shape)
-        assert float(oracle.torch_reduce(pw, name)) == pytest.approx(float(np.sum(pw)) / div, rel=REL)
+        assert float(torch_formula.torch_reduce(pw, name)) == pytest.approx(float(np.sum(pw)) / div, rel=REL)
     rows = pw.sum(axis=-1)
     for red in ("sum", "sum_over_batch_size", "default"):
         name, div = scale.divisor(KERAS_API, red, pw.shape)
-        assert float(oracle.keras_reduce(rows, name)) == pytest.approx(float(np.sum(rows)) / div, rel=REL)
+        assert float(keras_formula.keras_reduce(rows, name)) == pytest.approx(float(np.sum(rows)) / div, rel=REL)
     with pytest.raises(ValueError, match="not checked at scale"):
         scale.divisor(TORCH_API, "none", pw.shape)
 
@@ -130,10 +134,10 @@ def test_chunked_reference_and_tolerance_equal_the_unchunked_ones(cell: scale.Sc
 def test_chunked_reference_passes_the_unchunked_run_cell_path(
     cell: scale.ScaleCell, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Fed to ``checks.run_cell`` as the framework's output, the chunked reference is its reference."""
+    """Fed to ``forward.run_cell`` as the framework's output, the chunked reference is its reference."""
     t, s = scale.logits(cell.case, cell.dtype)
     monkeypatch.setattr(Case, "logits", lambda self, shift=0: (widen(t), widen(s)))
-    monkeypatch.setattr(checks, "_KEPT", checks._Kept(0))  # nothing kept from the real logits of this case
+    monkeypatch.setattr(exact, "_KEPT", exact._Kept(0))  # nothing kept from the real logits of this case
     ref = _chunked(cell)
 
     def call(*_: Any) -> dict[str, Output]:
@@ -141,7 +145,7 @@ def test_chunked_reference_passes_the_unchunked_run_cell_path(
 
     case = Case("gauss", SMALL.shape, SMALL.temperature, SMALL.scale)
     assert case.id == SMALL.id
-    results = checks.run_cell(REGISTRY[cell.framework], checks.Cell(cell.framework, cell.api, case, cell.dtype,
+    results = forward.run_cell(REGISTRY[cell.framework], forward.Cell(cell.framework, cell.api, case, cell.dtype,
                                                                      "cpu", "contiguous"), call=call)  # fmt: skip
     assert results and all(r.ok for r in results), [r.problems for r in results]
     for r in results:
@@ -192,7 +196,8 @@ def test_torch_drift_of_1e4_relative_fails(torch_small: scale.ScaleCell, monkeyp
     message = scale.failure_message(torch_small, 5, run.results)
     assert "exceeds tolerance" in message
     for part in (torch_small.case.id, f"seed {SMALL.seed(5)}", "float32", "max rel 0.0001",
-                 "error model:", f"repro: python -m klparity.scale --cell '{torch_small.id}' --seed 5"):  # fmt: skip
+                 "error model:",
+                 f"repro: python -m klparity.engine.scale --cell '{torch_small.id}' --seed 5"):  # fmt: skip
         assert part in message
 
 

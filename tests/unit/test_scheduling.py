@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from klparity import grid, plugin
-from klparity.report import Collector, aggregate
+from klparity import plugin
+from klparity.engine import grid
+from klparity.engine.report import Collector, aggregate
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The SciPy cross-oracle (``--klparity-oracle scipy``): same verdicts as the NumPy oracle, and its traps.
 
-``checks.scipy_rows`` computes the exact per-row KL as ``sum(scipy.special.rel_entr(p, q), -1)`` on the
+``exact.scipy_rows`` computes the exact per-row KL as ``sum(scipy.special.rel_entr(p, q), -1)`` on the
 float64 softmax of the rounded logits, a second implementation independent of ``oracle.kl_from_logits``
 (log space, phi-form sum). Each framework is run once per cell and judged against both oracles.
 """
@@ -10,12 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from klparity import grid, oracle
-from klparity.cases import case_by_id, cases
-from klparity.checks import F64, ORACLES, Cell, Exact, run_cell, scipy_rows
-from klparity.dtypes import round_to, widen
-from klparity.frameworks import REGISTRY, Output
-from klparity.tolerances import budget
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.engine import grid
+from klparity.engine.forward import F64, Cell, run_cell
+from klparity.frameworks import REGISTRY
+from klparity.model import Exact, Output
+from klparity.numerics import oracle
+from klparity.numerics.cases import case_by_id, cases
+from klparity.numerics.dtypes import round_to, widen
+from klparity.numerics.errormodel import budget
+from klparity.numerics.exact import ORACLES, exact_of, scipy_rows
 
 scipy_special = pytest.importorskip("scipy.special")
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -35,7 +39,7 @@ def _both_ways(cell: Cell) -> tuple[list[bool], list[bool], list[str]]:
     """Run the framework once; judge its outputs against each oracle. (numpy oks, scipy oks, scipy problems)."""
     adapter = REGISTRY[cell.framework]
     t, s = cell.case.logits(0)
-    outputs = adapter.run(cell.api, round_to(t, cell.dtype), round_to(s, cell.dtype), cell.case.temperature,
+    outputs = adapter.call(cell.api, round_to(t, cell.dtype), round_to(s, cell.dtype), cell.case.temperature,
                           cell.device, cell.layout)  # fmt: skip
 
     def replay(*_: object) -> dict[str, Output]:
@@ -85,8 +89,8 @@ def test_exact_rows_agree_within_the_float64_error_model(dtype: str) -> None:
     worst = 0.0
     for case in (c for c in cases("quick") if c.id != UNDERFLOW_CASE):
         t, s = (widen(round_to(x, dtype)) for x in case.logits(0))
-        ex = Exact.of(t, s, case.temperature)
-        by_scipy = Exact.of(t, s, case.temperature, "scipy").rows
+        ex = exact_of(t, s, case.temperature)
+        by_scipy = exact_of(t, s, case.temperature, "scipy").rows
         np.testing.assert_array_equal(np.isnan(by_scipy), np.isnan(ex.rows), err_msg=case.id)
         np.testing.assert_array_equal(np.isinf(by_scipy), np.isinf(ex.rows), err_msg=case.id)
         bound = _f64_bound(ex)
@@ -100,7 +104,7 @@ def test_exact_rows_agree_within_the_float64_error_model(dtype: str) -> None:
 def test_unknown_oracle_is_refused() -> None:
     assert ORACLES == ("numpy", "scipy")
     with pytest.raises(ValueError, match="unknown oracle 'mpmath'"):
-        Exact.of(np.zeros(3), np.zeros(3), 1.0, "mpmath")
+        exact_of(np.zeros(3), np.zeros(3), 1.0, "mpmath")
 
 
 # ------------------------------------------------------------------------------------------ traps
@@ -110,7 +114,7 @@ def test_unknown_oracle_is_refused() -> None:
 def _case(case_id: str) -> tuple[Exact, F64]:
     """The float64 quantities of a suite case, and the float64 error-model bound on its row sums."""
     case = case_by_id(case_id)
-    ex = Exact.of(*case.logits(0), case.temperature)
+    ex = exact_of(*case.logits(0), case.temperature)
     return ex, _f64_bound(ex)
 
 
@@ -126,16 +130,16 @@ def test_trap_scipy_stats_entropy_reduces_axis_zero_and_renormalises() -> None:
     assert scipy_stats.entropy(ex.p, ex.q).shape == (1000,)
     assert np.all(np.abs(scipy_stats.entropy(ex.p, ex.q, axis=-1) - ex.rows) <= bound)
     # it renormalises: on Keras's clipped (unnormalised) probabilities it is not Keras's formula
-    eps = oracle.KERAS_EPSILON
-    keras_rows = oracle.keras_kl_divergence(ex.p, ex.q, reduction="none")
+    eps = keras_formula.KERAS_EPSILON
+    keras_rows = keras_formula.keras_kl_divergence(ex.p, ex.q, reduction="none")
     renormalised = scipy_stats.entropy(np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0), axis=-1)
     assert np.all(np.abs(renormalised - keras_rows) > bound)
 
 
 def test_trap_scipy_special_kl_div_adds_q_minus_p() -> None:
     ex, bound = _case("gauss3_8x1000_T0.5")
-    pt, qt = np.clip(ex.p, oracle.KERAS_EPSILON, 1.0), np.clip(ex.q, oracle.KERAS_EPSILON, 1.0)
-    keras_rows = oracle.keras_kl_divergence(ex.p, ex.q, reduction="none")
+    pt, qt = np.clip(ex.p, keras_formula.KERAS_EPSILON, 1.0), np.clip(ex.q, keras_formula.KERAS_EPSILON, 1.0)
+    keras_rows = keras_formula.keras_kl_divergence(ex.p, ex.q, reduction="none")
     # sum(rel_entr) is Keras's clipped formula ...
     assert np.all(np.abs(np.sum(scipy_special.rel_entr(pt, qt), axis=-1) - keras_rows) <= bound)
     # ... sum(kl_div) = sum(rel_entr - p + q) is off by sum(q) - sum(p), which clipping makes nonzero

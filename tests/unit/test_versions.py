@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from klparity.engine.report import aggregate, packages, write_json
 from klparity.frameworks import REGISTRY
-from klparity.report import aggregate, packages, write_json
 
 
 def test_torch_version_keeps_its_build_label() -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Final
 
-from klparity.apis.base import ApiSpec, Expectation, GradModel
+from klparity.apis.base import ApiSpec, GradModel
 from klparity.apis.keras_distillation import KerasLogitsDistillation
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
+from klparity.apis.keras_metric_kl import KerasMetricKl
 from klparity.apis.mlx_kl_div import MlxKlDiv
 from klparity.apis.optax_kl import OptaxKl
 from klparity.apis.paddle_kl_div import PaddleKlDiv
@@ -21,7 +22,8 @@ from klparity.apis.torch_distributions import TorchDistributionsKl
 from klparity.apis.torch_kl_div import TorchKlDiv
 from klparity.apis.torchmetrics_kl import TorchmetricsKl
 from klparity.apis.trl_gkd import TrlGkd
-from klparity.frameworks.base import Api
+from klparity.frameworks import REGISTRY
+from klparity.model import Api, Expectation
 
 SPECS: dict[str, ApiSpec] = {
     "torch": TorchKlDiv(),
@@ -34,6 +36,7 @@ SPECS: dict[str, ApiSpec] = {
     "tf_keras": TfKerasKlDivergence(),
     "mlx_kl_div": MlxKlDiv(),
     "paddle_kl_div": PaddleKlDiv(),
+    "keras_metric_kl": KerasMetricKl(),
 }
 
 #: Not an API's own: any API whose result dtype overflows.
@@ -49,6 +52,11 @@ DIFFERENCES: Final[dict[str, str]] = {
 GRAD_DIFFERENCES: Final[dict[str, str]] = {k: v for s in SPECS.values() for k, v in s.grad_differences.items()}
 
 
+def entries(framework: str, dtype: str) -> tuple[Api, ...]:
+    """Every API of ``framework`` for ``dtype``: the adapter's own, then those records declare and call."""
+    return REGISTRY[framework].apis(dtype) + tuple(a for s in SPECS.values() for a in s.entries(framework, dtype))
+
+
 def spec(api: Api) -> ApiSpec:
     """The spec of ``api``, with a clear error naming the known ones."""
     try:
@@ -58,18 +66,18 @@ def spec(api: Api) -> ApiSpec:
 
 
 def load_facts() -> None:
-    """Import every spec's pinned-facts module (each registers its facts in ``klparity.pinned.FACTS``)."""
+    """Import every spec's pinned-facts module (each registers its facts in ``klparity.engine.pinned.FACTS``)."""
     for s in SPECS.values():
         if s.facts:
             importlib.import_module(s.facts)
 
 
 def load_mutants() -> None:
-    """Import every spec's mutants module (each registers its mutants in ``klparity.mutants.MUTANTS``)."""
+    """Import every spec's mutants module (each registers its mutants in ``klparity.engine.mutants.MUTANTS``)."""
     for s in SPECS.values():
         if s.mutants:
             importlib.import_module(s.mutants)
 
 
-__all__ = ["DIFFERENCES", "GRAD_DIFFERENCES", "SPECS", "ApiSpec", "Expectation", "GradModel", "load_facts",
+__all__ = ["DIFFERENCES", "GRAD_DIFFERENCES", "SPECS", "ApiSpec", "Expectation", "GradModel", "entries", "load_facts",
            "load_mutants", "spec"]  # fmt: skip

@@ -5,7 +5,7 @@ A spec (one per ``Api.semantics``) holds the API's pointwise formula and reducti
 they apply (``differences``, ``known_differences``), its result-range quirks (``adjust``), the warning
 it must raise, how it reduces its own unreduced output (reduction consistency), its hand-derived
 gradient (``grad_model``, ``grad_scale``), and the modules that hold its pinned facts and its
-mutants. Its tolerance rows stay in ``klparity.tolerances.TABLE``, keyed by framework and dtype. The
+mutants. Its tolerance rows stay in ``klparity.numerics.errormodel.TABLE``, keyed by framework and dtype. The
 engine (``checks``, ``gradients``, ``scale``) asks the spec and names no framework or API itself.
 Adding an API: one spec module, one line in ``klparity.apis.SPECS``.
 """
@@ -14,38 +14,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.dtypes import dtype_info
-from klparity.frameworks.base import Api, GradOutput
-from klparity.tolerances import Budget, GradBudget, budget, table_row
+from klparity.model import Api, Expectation, GoldenExpected, GoldenGradient, GradOutput
+from klparity.numerics import oracle
+from klparity.numerics.dtypes import dtype_info
+from klparity.numerics.errormodel import Budget, GradBudget, budget, table_row
 
 if TYPE_CHECKING:
-    from klparity.checks import CheckResult, Exact
-    from klparity.goldens import Golden
+    from klparity.model import Exact
+    from klparity.numerics.goldens import Golden
 
 F64 = NDArray[np.float64]
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """What one reduction of an API must return, how close, and what the exact KL says."""
-
-    value: F64
-    tolerance: F64 | float
-    exact: F64
-    gap_bound: F64 | float | None  #: derived bound on |value - exact|, or None (must be equal)
-    dtype: str
-    must_warn: str | None
-    #: rows where +inf is accepted too: whether an underflow happens there is within rounding error
-    inf_allowed: NDArray[np.bool_] | None = None
-    #: entries where NaN is accepted too (an underflow to 0 meeting -inf, within rounding error)
-    nan_allowed: NDArray[np.bool_] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,20 +84,6 @@ def overflow_masks(value: F64, tol: F64 | float, dtype: str) -> tuple[NDArray[np
         surely = np.isfinite(value) & (np.abs(value) - tol_a >= boundary)
         maybe = np.isfinite(value) & ~surely & (np.abs(value) + tol_a >= boundary)
     return surely, maybe
-
-
-@dataclass
-class GoldenExpected:
-    """Reference rows for one API on one golden (``klparity.goldens``), and what differs from the golden and why."""
-
-    rows: F64
-    tol_rows: F64
-    total: float  #: sum of the expected rows (the golden's kl_sum where every row is the golden's)
-    tol_total: float
-    notes: list[str]
-    problems: list[str] = field(default_factory=list)  #: failures found while deriving
-    #: rows that may be +inf instead (the value depends on whether the backend flushes subnormals)
-    either_inf: NDArray[np.bool_] | None = None
 
 
 def with_nan_rows(g: Golden, nan_rows: NDArray[np.bool_]) -> tuple[F64, float]:
@@ -185,6 +155,22 @@ def probability_space_differences(ex: Exact, framework: str, dtype: str, prefix:
     return found
 
 
+@dataclass(frozen=True)
+class GapFigure:
+    """A figure of the report for an API whose formula departs from the exact KL: its batch value against
+    the exact one as the temperature varies (drawn when ``framework`` is among the selected ones)."""
+
+    name: str  #: the figure's file suffix
+    framework: str
+    caption: str
+    label: str  #: the API's curve in the legend, e.g. "clipped"
+    title_values: str
+    title_gap: str
+    gap_label: str  #: the y label of the relative gap
+    #: the API's batch value from float64 p and q (as the API sees them), or None where it equals the exact
+    value: Callable[[F64, F64], float | None]
+
+
 class ApiSpec:
     """One KL API's semantics (see the module docstring); the defaults fit an API without them.
 
@@ -198,12 +184,22 @@ class ApiSpec:
     grad_differences: ClassVar[dict[str, str]] = {}
     facts: ClassVar[str | None] = None
     mutants: ClassVar[str | None] = None
+    #: module holding how ``klparity check`` speaks of the API (its reductions, wording, formulas by role);
+    #: read from the class that declares it, so a subclass does not repeat it
+    conventions: ClassVar[str | None] = None
     #: its ``'none'`` reduction returns one value per class (pointwise), not one per row
     none_is_elementwise: ClassVar[bool] = False
     #: the reduction label ``'default'`` stands for
     default_reduction: ClassVar[str] = "none"
+    #: the report's figure of how far the API's formula is from the exact KL, where it departs from it
+    gap_figure: ClassVar[GapFigure | None] = None
     #: entry points whose gradient cells run in the full tier only
     full_tier_only_grad_entries: ClassVar[tuple[str, ...]] = ()
+
+    def entries(self, framework: str, dtype: str) -> tuple[Api, ...]:
+        """The APIs this record declares and calls itself (``Api.call``) on ``framework`` for ``dtype``; the
+        adapter lists the ones it calls (``Adapter.apis``)."""
+        return ()
 
     def expectations(self, api: Api, ex: Exact, dtype: str, compute: str,
                      framework: str) -> tuple[dict[str, Expectation], Budget]:  # fmt: skip
@@ -291,8 +287,8 @@ class ApiSpec:
         divisor of the expected total for that scalar). By default ``'none'``, one value per row."""
         return {"none": (lambda v: v, 1)}
 
-    def golden_gradient(self, g: Golden, ex: Exact) -> CheckResult | None:
-        """The API's gradient against the golden's (mpmath) gradient, on the CPU; None if not checked."""
+    def golden_gradient(self, g: Golden, ex: Exact) -> GoldenGradient | None:
+        """The API's gradient on the golden, on the CPU, for the engine to judge; None if not checked."""
         return None
 
     # ------------------------------------------------------------------------------ scale tier

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from klparity.frameworks.base import DEVICES, LAYOUTS, Adapter, Api, Output, cap_native_threads
+from dataclasses import replace
+
+from klparity.frameworks.base import Adapter, cap_native_threads
 from klparity.frameworks.jax_adapter import JaxAdapter
 from klparity.frameworks.keras_adapter import KerasAdapter
 from klparity.frameworks.mlx_adapter import MlxAdapter
 from klparity.frameworks.paddle_adapter import PaddleAdapter
 from klparity.frameworks.torch_adapter import TorchAdapter
+from klparity.model import DEVICES, LAYOUTS, Api, Output
+from klparity.numerics.errormodel import register_profile
 
 REGISTRY: dict[str, Adapter] = {
     "torch": TorchAdapter(),
@@ -16,6 +20,8 @@ REGISTRY: dict[str, Adapter] = {
     "mlx": MlxAdapter(),
     "paddle": PaddleAdapter(),
 }
+for _name, _adapter in REGISTRY.items():  # each adapter's own rows of the error model
+    register_profile(_name, replace(_adapter.error_profile, class_sum_roundings=_adapter.class_sum_roundings))
 
 
 def runs_user_losses() -> tuple[str, ...]:

@@ -7,7 +7,6 @@ methods), so that listing, collecting and skipping cost nothing when the framewo
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -20,71 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
+from klparity.model import Api, CompileCache, ErrorProfile, GradOutput, Output, installed
+
 F64 = NDArray[np.float64]
-DEVICES = ("cpu", "gpu")
-LAYOUTS = ("contiguous", "transposed", "strided")
-
-
-@dataclass(frozen=True)
-class Api:
-    """One way of calling a KL loss: entry point plus fixed options, checked under several reductions.
-
-    ``reductions`` holds the reduction labels the adapter evaluates per call (``"default"`` means the
-    constructor/function default, whatever it is: the oracle pins what it must be).
-    """
-
-    framework: str
-    entry: str  #: e.g. ``torch.nn.KLDivLoss``
-    semantics: str  #: the key of its spec in ``klparity.apis.SPECS``
-    reductions: tuple[str, ...]
-    options: tuple[tuple[str, object], ...] = ()
-    #: (module, extra) of a library the API needs beyond its framework (its cells skip, naming the extra,
-    #: where the module is absent); ("", "") for the framework's own APIs
-    requires: tuple[str, str] = ("", "")
-
-    @property
-    def id(self) -> str:
-        """Stable printable id, e.g. ``torch.nn.functional.kl_div(log_target=True)``."""
-        return f"{self.entry}({', '.join(f'{k}={v}' for k, v in self.options)})"
-
-    def missing(self) -> str | None:
-        """Why the API cannot run here (its library is not installed), or None."""
-        module, extra = self.requires
-        if module and not installed(module):
-            return f"{module} is not installed: pip install 'klparity[{extra}]'"
-        return None
-
-    def option(self, key: str, default: object = None) -> object:
-        """Value of a fixed option, or ``default``."""
-        return dict(self.options).get(key, default)
-
-
-@dataclass(frozen=True)
-class Output:
-    """One framework result, widened to float64, with the dtype it came back in."""
-
-    value: F64
-    dtype: str
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class GradOutput:
-    """Gradients of one reduction of a KL API with respect to the logits, widened to float64.
-
-    ``student`` / ``teacher`` are d(loss)/d(student logits) and d(loss)/d(teacher logits) (``teacher``
-    is None where the API stops gradients to its target); an unreduced loss is differentiated as its
-    sum. ``seen_target`` / ``seen_input`` are the two arguments exactly as the API received them
-    (torch: target and input; Keras: y_true and y_pred), widened: the discrete decisions of the API's
-    formula (a zero target, Keras's clip) are judged on these, the values on the exact inputs.
-    """
-
-    student: F64
-    teacher: F64 | None
-    dtype: str  #: dtype of the student gradient (the logits' dtype)
-    seen_target: F64
-    seen_input: F64
-    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -106,13 +43,6 @@ def cap_native_threads(threads: int) -> None:
     os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 
 
-@functools.cache
-def installed(module: str) -> bool:
-    """``module`` can be imported (found once per process: every cell of a framework asks, and a
-    search of ``sys.path`` for a module not yet imported costs ~0.1 ms)."""
-    return importlib.util.find_spec(module) is not None
-
-
 class Adapter(ABC):
     """Contract: run a KL API on given logits exactly as a distillation user would, on one device.
 
@@ -123,6 +53,10 @@ class Adapter(ABC):
     """
 
     name: ClassVar[str]  #: registry key
+    #: its own rows of the error model (roundings per stage, flush-to-zero, sequential sums)
+    error_profile: ClassVar[ErrorProfile] = ErrorProfile()
+    #: its persistent cache of compiled kernels, where it has one (an option of the plugin)
+    compile_cache: ClassVar[CompileCache | None] = None
     module: ClassVar[str]  #: importable module whose presence means "installed"
     distribution: ClassVar[str]  #: distribution whose version is reported
     extra: ClassVar[str]  #: ``pip install klparity[extra]`` installs it
@@ -205,6 +139,22 @@ class Adapter(ABC):
         layout: str,
     ) -> dict[str, Output]:
         """Evaluate every reduction of ``api``; see the class docstring."""
+
+    def call(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float,
+             device: str, layout: str) -> dict[str, Output]:  # fmt: skip
+        """``api``'s outputs: its record's own call (``Api.call``) where it has one, else ``run``."""
+        if api.call is not None:
+            out: dict[str, Output] = api.call(self, api, teacher, student, temperature, device, layout)
+            return out
+        return self.run(api, teacher, student, temperature, device, layout)
+
+    def call_grad(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float,
+                  device: str, layout: str) -> dict[str, GradOutput]:  # fmt: skip
+        """``api``'s gradients: its record's own (``Api.call_grad``) where it has one, else ``run_grad``."""
+        if api.call_grad is not None:
+            out: dict[str, GradOutput] = api.call_grad(self, api, teacher, student, temperature, device, layout)
+            return out
+        return self.run_grad(api, teacher, student, temperature, device, layout)
 
     def run_scale(
         self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float

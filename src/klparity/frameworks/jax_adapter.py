@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import Adapter, Api, Output, installed
+from klparity.frameworks.base import Adapter
+from klparity.model import Api, CompileCache, ErrorProfile, Output, Row, installed
 
 KL: Final = "optax.losses.kl_divergence"
 KL_LOG_TARGETS: Final = "optax.losses.kl_divergence_with_log_targets"
@@ -40,6 +41,19 @@ JAX_CACHE_ENV: Final = "KLPARITY_JAX_CACHE"
 
 class JaxAdapter(Adapter):
     """optax's two KL losses and ``sum(jax.scipy.special.rel_entr(p, q), axis=-1)``, per row."""
+
+    #: JAX compiles ~200 small kernels per cold run; a warm persistent cache compiles none
+    compile_cache: ClassVar[CompileCache | None] = CompileCache(
+        "jax-cache", JAX_CACHE_ENV, "klparity-jax", "JAX's persistent compilation cache")
+    #: Its own rows of the error model (``klparity.numerics.errormodel``).
+    error_profile: ClassVar[ErrorProfile] = ErrorProfile(
+        rows={
+            "float16": Row(2, 3, "float32", "jax.nn and the losses round each elementwise op to float16; "
+                           "jnp.sum (log-sum-exp and the class sum) upcasts float16 to float32 "
+                           "(upcast_f16_for_computation) and rounds the sum once"),
+            "bfloat16": Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sums"),
+        },
+    )
 
     name = "jax"
     module = "jax"

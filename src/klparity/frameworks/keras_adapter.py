@@ -12,12 +12,13 @@ import importlib.metadata
 import math
 from collections.abc import Callable, Hashable
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import RUNTIME, Adapter, Api, GradOutput, Output
+from klparity.frameworks.base import RUNTIME, Adapter
+from klparity.model import Api, ErrorProfile, GradOutput, Output, Row
 
 REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight", "default")
 LOSS_CLASS = "keras.losses.KLDivergence"
@@ -47,6 +48,28 @@ EIGEN_LANES: Final = 4
 
 class KerasAdapter(Adapter):
     """Keras 3 on TensorFlow: the loss class with every reduction and ``dtype=``, and the function."""
+
+    #: Its own rows of the error model (``klparity.numerics.errormodel``). ``flush_to_zero``, measured:
+    #: TensorFlow runs with FTZ/DAZ set, so float32 softmax(0, -88) gives exactly 0 and 1e-30 * 1e-10
+    #: gives 0 (bfloat16 is computed in float32, float64 shares the SSE mode); its float16 arithmetic is
+    #: emulated and keeps subnormals (1e-3 * 1e-3 gives 1.01e-6). There a value below the smallest
+    #: normal number N is off by up to N, not by half the smallest subnormal.
+    error_profile: ClassVar[ErrorProfile] = ErrorProfile(
+        rows={
+            "float16": Row(2, 3, "float32", "softmax in float16, then KLDivergence upcasts to floatx() = "
+                           "float32 by default: kernel and sum at float32"),
+            "bfloat16": Row(2, 3, "float32", "as float16: bfloat16 softmax, float32 kernel"),
+        },
+        grad_rows={
+            "float64": Row(2, 13, "float64", "Keras backward through TF ops: y_true/y_pred, log, reciprocal, "
+                           "two products, (-y_true/y_pred)/y_pred (2), product, cast, softmax backward (3), /T"),
+            "float32": Row(2, 13, "float32", "as float64, float32 roundoff"),
+            "float16": Row(2, 13, "float32", "loss backward in the compute dtype, cast to float16, softmax "
+                           "backward in float16 with float32 sums"),
+            "bfloat16": Row(2, 13, "float32", "as float16, bfloat16 softmax backward"),
+        },
+        flush_to_zero=frozenset({"float32", "bfloat16", "float64"}),
+    )
 
     name = "tensorflow"
     module = "tensorflow"

@@ -28,7 +28,8 @@ from typing import Any, ClassVar, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import RUNTIME, Adapter, Api, Output
+from klparity.frameworks.base import RUNTIME, Adapter
+from klparity.model import Api, ErrorProfile, Output
 
 #: lanes of the vectors paddle.mean's CPU kernel accumulates in (float32, AVX2)
 MEAN_LANES: Final = 8
@@ -61,6 +62,14 @@ def loss(paddle: ModuleType, api: Api, red: str, inp: Any, tgt: Any) -> tuple[An
 
 class PaddleAdapter(Adapter):
     """``paddle.nn.functional.kl_div``: every reduction, ``log_target`` both ways, float32 / float64."""
+
+    #: Its own rows of the error model (``klparity.numerics.errormodel``). ``sequential_sums``, measured:
+    #: Paddle 3.3's CPU log_softmax (Eigen, float32 and float64) sums exp over the classes one by one
+    #: (its log-sum-exp equals a left-to-right loop's to within a rounding: off by 383 u at 32000
+    #: float32 classes, 2663 u at 128000, where a pairwise sum is off by < 1 u); its softmax sums in 8
+    #: AVX lanes (float32: ceil(C / 8) + 3 roundings) or one by one (float64); paddle.mean accumulates
+    #: in 8 lanes, paddle.sum in a tree.
+    error_profile: ClassVar[ErrorProfile] = ErrorProfile(sequential_sums=frozenset({"float32", "float64"}))
 
     name = "paddle"
     module = "paddle"

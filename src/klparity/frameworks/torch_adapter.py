@@ -14,18 +14,18 @@ import warnings
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.frameworks.base import RUNTIME, Adapter, Api, GradOutput, Output
+from klparity.frameworks.base import RUNTIME, Adapter
+from klparity.model import Api, ErrorProfile, GradOutput, Output, Row
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean", "default")
 ENTRIES = ("torch.nn.KLDivLoss", "torch.nn.functional.kl_div")
 DIST_ENTRY = "torch.distributions.kl_divergence"
 METRICS_ENTRY = "torchmetrics.functional.kl_divergence"
-TRL_ENTRY = "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss"
 
 
 def relayout(x: Any, layout: str) -> Any:
@@ -83,6 +83,20 @@ SUM_LANES: Final = 8
 
 class TorchAdapter(Adapter):
     """``torch.nn.KLDivLoss`` / ``F.kl_div``: every reduction, ``log_target`` both ways."""
+
+    #: Its own rows of the error model (``klparity.numerics.errormodel``).
+    error_profile: ClassVar[ErrorProfile] = ErrorProfile(
+        rows={
+            "float16": Row(2, 3, "float32", "torch CPU rounds each elementwise op to float16 but sums "
+                           "reduced-precision tensors in float32 (acc_type)"),
+            "bfloat16": Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sums"),
+        },
+        grad_rows={
+            "float16": Row(2, 10, "float32", "backward ops rounded to float16 on CPU, class sums in float32 "
+                           "(acc_type)"),
+            "bfloat16": Row(2, 10, "float32", "as float16: bfloat16 ops, float32 class sums"),
+        },
+    )
 
     name = "torch"
     module = "torch"
@@ -160,12 +174,7 @@ class TorchAdapter(Adapter):
                 requires=("torchmetrics", "torchmetrics"))
             for lp in (False, True)
         )  # fmt: skip
-        trl = tuple(
-            Api("torch", TRL_ENTRY, "trl_gkd", ("batchmean", "sum", "mean", "none", "default"),
-                (("beta", beta), ("labels", labels)), requires=("trl", "trl"))
-            for beta, labels in ((0.0, "none"), (1.0, "none"), (0.5, "none"), (0.0, "last-ignored"))
-        )  # fmt: skip
-        return kl_div + dist + metrics + trl
+        return kl_div + dist + metrics
 
     def compute_dtype(self, api: Api, dtype: str) -> str:
         return dtype
@@ -183,8 +192,6 @@ class TorchAdapter(Adapter):
             return self._run_distributions(api, teacher, student, temperature, device, layout)
         if api.entry == METRICS_ENTRY:
             return self._run_torchmetrics(api, teacher, student, temperature, device, layout)
-        if api.entry == TRL_ENTRY:
-            return self._run_trl(api, teacher, student, temperature, device, layout)
         _, _, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=False)
         out: dict[str, Output] = {}
         for red in api.reductions:
@@ -196,7 +203,7 @@ class TorchAdapter(Adapter):
             )
         return out
 
-    def _logits(self, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float, device: str,
+    def logits(self, teacher: NDArray[np.generic], student: NDArray[np.generic], temperature: float, device: str,
                 layout: str) -> tuple[Any, Any]:  # fmt: skip
         """(teacher, student) logits / T as tensors of the arrays' dtype on ``device``, in ``layout``."""
         torch = self._torch()
@@ -211,7 +218,7 @@ class TorchAdapter(Adapter):
         """kl_divergence(Categorical(teacher), Categorical(student)), built from logits / T or their softmax;
         without argument validation (its default raises on a NaN logit: a pinned fact)."""
         torch = self._torch()
-        zt, zs = self._logits(teacher, student, temperature, device, layout)
+        zt, zs = self.logits(teacher, student, temperature, device, layout)
         cat = torch.distributions.Categorical
         if api.option("from") == "probs":
             p = cat(probs=torch.softmax(zt, dim=-1), validate_args=False)
@@ -231,7 +238,7 @@ class TorchAdapter(Adapter):
         import torchmetrics.functional as tmf
 
         torch = self._torch()
-        zt, zs = self._logits(teacher, student, temperature, device, layout)
+        zt, zs = self.logits(teacher, student, temperature, device, layout)
         log_prob = bool(api.option("log_prob", False))
         f = torch.log_softmax if log_prob else torch.softmax
         c = zt.shape[-1]
@@ -246,34 +253,6 @@ class TorchAdapter(Adapter):
                     res = tmf.kl_divergence(p, q, log_prob=log_prob, reduction=red)  # type: ignore[arg-type]
             if red == "none":
                 res = res.reshape(zt.shape[:-1])
-            out[red] = Output(to_float64(res), str(res.dtype).removeprefix("torch."),
-                              tuple(str(w.message) for w in caught))  # fmt: skip
-        return out
-
-    def _run_trl(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic],
-                 temperature: float, device: str, layout: str) -> dict[str, Output]:  # fmt: skip
-        """GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels, beta, temperature, reduction)
-        on the raw logits (it divides by T); labels -100 on the last row of the flattened row grid when the
-        API says so (``apis.trl_gkd.valid_rows``)."""
-        from trl.experimental.gkd import GKDTrainer  # looked up at call time: a patched one is the one called
-
-        from klparity.apis.trl_gkd import valid_rows
-
-        trainer: Any = GKDTrainer  # TRL's annotations are partial
-        torch = self._torch()
-        zt, zs = self._logits(teacher, student, 1.0, device, layout)
-        labels = None
-        if api.option("labels") != "none":
-            keep = valid_rows(tuple(zt.shape), api.option("labels"))
-            flat = torch.where(torch.from_numpy(keep), 0, -100).to(zt.device)
-            labels = flat.reshape(tuple(zt.shape[:-1]))
-        out: dict[str, Output] = {}
-        for red in api.reductions:
-            kwargs = {} if red == "default" else {"reduction": red}
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                res = trainer.generalized_jsd_loss(zs, zt, labels=labels, beta=float(str(api.option("beta"))),
-                                                      temperature=temperature, **kwargs)  # fmt: skip
             out[red] = Output(to_float64(res), str(res.dtype).removeprefix("torch."),
                               tuple(str(w.message) for w in caught))  # fmt: skip
         return out
@@ -312,8 +291,6 @@ class TorchAdapter(Adapter):
         layout: str,
     ) -> dict[str, GradOutput]:
         """Each reduction's gradients w.r.t. both logits (``autograd.grad``; 'none' differentiates the sum)."""
-        if api.entry == TRL_ENTRY:
-            return self._run_trl_grad(api, teacher, student, temperature, device, layout)
         torch = self._torch()
         t, s, inp, tgt = self._pipeline(api, teacher, student, temperature, device, layout, grad=True)
         seen_t, seen_i = to_float64(tgt), to_float64(inp)
@@ -329,35 +306,6 @@ class TorchAdapter(Adapter):
                 seen_input=seen_i,
                 warnings=caught,
             )
-        return out
-
-    def _run_trl_grad(self, api: Api, teacher: NDArray[np.generic], student: NDArray[np.generic],
-                      temperature: float, device: str, layout: str) -> dict[str, GradOutput]:  # fmt: skip
-        """Gradients of generalized_jsd_loss w.r.t. both logits (the leaves; TRL divides by T inside). The
-        arguments it gives kl_div are its own log_softmax of logits / T: recomputed alike as the seen values."""
-        from trl.experimental.gkd import GKDTrainer
-
-        trainer: Any = GKDTrainer  # TRL's annotations are partial
-        torch = self._torch()
-        fn = torch.nn.functional
-        dev = "cuda" if device == "gpu" else "cpu"
-        tdtype = getattr(torch, str(teacher.dtype))
-        t = torch.from_numpy(teacher.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
-        s = torch.from_numpy(student.astype(np.float64)).to(dev).to(tdtype).requires_grad_(True)
-        zt, zs = relayout(t, layout), relayout(s, layout)
-        seen_t = to_float64(fn.log_softmax(zt / temperature, dim=-1))
-        seen_s = to_float64(fn.log_softmax(zs / temperature, dim=-1))
-        beta = float(str(api.option("beta")))
-        out: dict[str, GradOutput] = {}
-        for red in api.reductions:
-            kwargs = {} if red == "default" else {"reduction": red}
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                res = trainer.generalized_jsd_loss(zs, zt, beta=beta, temperature=temperature, **kwargs)
-            g_s, g_t = torch.autograd.grad(res, (s, t), grad_outputs=torch.ones_like(res), retain_graph=True)
-            out[red] = GradOutput(student=to_float64(g_s), teacher=to_float64(g_t),
-                                  dtype=str(g_s.dtype).removeprefix("torch."), seen_target=seen_t, seen_input=seen_s,
-                                  warnings=tuple(str(w.message) for w in caught))  # fmt: skip
         return out
 
     def run_scale(

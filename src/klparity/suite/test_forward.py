@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from klparity.checks import Cell, CheckResult
+from klparity.engine.forward import Cell
+from klparity.model import CheckResult
 from klparity.plugin import assert_cell
 
 pytestmark = pytest.mark.equivalence

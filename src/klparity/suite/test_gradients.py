@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from klparity.checks import Cell, CheckResult
-from klparity.gradients import grad_failure_message
+from klparity.engine.forward import Cell
+from klparity.engine.gradients import grad_failure_message
+from klparity.model import CheckResult
 
 pytestmark = pytest.mark.equivalence
 

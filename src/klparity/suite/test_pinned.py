@@ -1,10 +1,12 @@
-"""Pinned facts: each documented framework behaviour still holds (``klparity.pinned``), one test per fact."""
+"""Pinned facts: each documented framework behaviour still holds (``klparity.engine.pinned``), one test per fact."""
 
 from __future__ import annotations
 
 import pytest
 
-from klparity.pinned import FACTS, check
+from klparity.apis import pinning
+from klparity.apis.pinning import FACTS
+from klparity.engine.pinned import check
 from klparity.plugin import selection
 
 pytestmark = pytest.mark.equivalence
@@ -20,7 +22,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def test_pinned_fact(name: str) -> None:
     """The probe's measurement equals the pinned value; otherwise the message says what changed, and where."""
     f = FACTS[name]
-    reason = f.missing()
+    reason = pinning.missing(f)
     if reason:
         pytest.skip(reason)
     ok, _, message = check(f)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from klparity import scale
+from klparity.engine import scale
 from klparity.plugin import _SELECTION_KEY, record
 
 pytestmark = pytest.mark.equivalence

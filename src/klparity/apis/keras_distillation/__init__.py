@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.apis.base import ApiSpec, Expectation
+from klparity.apis.base import ApiSpec
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
-from klparity.dtypes import dtype_info
-from klparity.frameworks.base import Api
-from klparity.tolerances import Budget
+from klparity.model import Api, Expectation
+from klparity.numerics.dtypes import dtype_info
+from klparity.numerics.errormodel import Budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.model import Exact
 
 F64 = NDArray[np.float64]
 

@@ -1,12 +1,14 @@
-"""Pinned facts of Keras 3's ``keras.distillation.LogitsDistillation`` (see ``klparity.pinned``)."""
+"""Pinned facts of Keras 3's ``keras.distillation.LogitsDistillation`` (see ``klparity.engine.pinned``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from klparity import oracle
-from klparity.cases import Case
-from klparity.pinned import Measured, fact, logits_in
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.apis.pinning import fact, logits_in
+from klparity.model import Measured
+from klparity.numerics import oracle
+from klparity.numerics.cases import Case
 
 #: Relative distance within which a float32 result equals a candidate; the candidates differ by far more
 #: (T² = 4, and the clipped formula is no multiple of the KL).
@@ -17,7 +19,7 @@ DISTILL = Case("gauss", (4, 10), 2.0, 3.0)
 
 def _candidates(t: np.ndarray, s: np.ndarray, temperature: float) -> dict[str, tuple[float, float]]:
     rows = oracle.kl_from_logits(t, s, temperature)
-    clipped = oracle.keras_kl_divergence(t / temperature, s / temperature, reduction="none")
+    clipped = keras_formula.keras_kl_divergence(t / temperature, s / temperature, reduction="none")
     n = rows.size
     return {"T² · mean KL": (float(np.sum(rows)) * temperature**2 / n, 1.0),
             "mean KL": (float(np.sum(rows)) / n, 1.0),

@@ -1,10 +1,11 @@
-"""Mutants of Keras 3's ``LogitsDistillation`` (see ``klparity.mutants``)."""
+"""Mutants of Keras 3's ``LogitsDistillation`` (see ``klparity.engine.mutants``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from klparity.mutants import Mutant, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant
 
 
 def _t2_dropped(orig: Any) -> Any:

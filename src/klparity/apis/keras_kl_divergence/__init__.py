@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, GoldenExpected, GradModel, rounding_band
-from klparity.dtypes import dtype_info, round_to, widen
-from klparity.exact_grads import exact_grads, rounded_to, rowsum
-from klparity.frameworks.base import Api, GradOutput
-from klparity.tolerances import Budget, budget, grad_budget
+from klparity.apis.base import ApiSpec, GapFigure, GradModel, rounding_band
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.model import Api, Expectation, GoldenExpected, GradOutput
+from klparity.numerics.dtypes import dtype_info, round_to, widen
+from klparity.numerics.errormodel import Budget, budget, grad_budget
+from klparity.numerics.exact_grads import exact_grads, rounded_to, rowsum
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
-    from klparity.goldens import Golden
+    from klparity.model import Exact
+    from klparity.numerics.goldens import Golden
 
 F64 = NDArray[np.float64]
 
@@ -40,7 +40,7 @@ def keras_grads(
     temperature: float,
     *,
     scale: float = 1.0,
-    epsilon: float = oracle.KERAS_EPSILON,
+    epsilon: float = keras_formula.KERAS_EPSILON,
     mask_true: NDArray[np.bool_] | None = None,
     mask_pred: NDArray[np.bool_] | None = None,
     compute: str | None = None,
@@ -97,10 +97,22 @@ def keras_clip_grad_gap_bound(p: F64, q: F64, mask_true: NDArray[np.bool_], mask
 class KerasKlDivergence(ApiSpec):
     """Keras's ``KLDivergence`` loss (class and function): see the module docstring."""
 
+    gap_figure: ClassVar[GapFigure | None] = GapFigure(
+        name="keras-clip-gap", framework="tensorflow",
+        caption="Keras's KLDivergence (both distributions clipped to [1e-7, 1], float64 formula on "
+        "float32-rounded logits) against the exact KL, batch mean, as the temperature varies.",
+        label="Keras (clipped)", title_values="exact (solid) and Keras's clipped value (dashed)",
+        title_gap="how far Keras's KLDivergence is below the exact KL", gap_label="(exact − Keras) / exact  [%]",
+        value=lambda p, q: (float(keras_formula.keras_kl_divergence(p, q, reduction="sum_over_batch_size"))
+                            if np.any((p < keras_formula.KERAS_EPSILON) | (q < keras_formula.KERAS_EPSILON))
+                            else None),
+    )  # fmt: skip
+
     semantics = "keras"
     default_reduction = "sum_over_batch_size"
     facts = "klparity.apis.keras_kl_divergence.facts"
     mutants = "klparity.apis.keras_kl_divergence.mutants"
+    conventions = "klparity.apis.keras_kl_divergence.conventions"
     differences: ClassVar[dict[str, str]] = {
         "keras.clip_epsilon": "Keras clips y_true and y_pred to [1e-7, 1] and does not renormalise: "
         "every class with p or q below 1e-7 changes the value",
@@ -123,12 +135,12 @@ class KerasKlDivergence(ApiSpec):
 
     def expectations(self, api: Api, ex: Exact, dtype: str, compute: str,
                      framework: str) -> tuple[dict[str, Expectation], Budget]:  # fmt: skip
-        eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+        eps = float(round_to(np.asarray(keras_formula.KERAS_EPSILON), compute))
         cmax = dtype_info(compute).max
         pt, qt = np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0)
         bud = budget(framework=framework, input_dtype=dtype, compute_dtype=compute, p=pt, q=qt,
                      zt=ex.zt, zs=ex.zs, student_is_probability=True)  # fmt: skip
-        gap_rows = oracle.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)
+        gap_rows = keras_formula.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)
         # y_true / y_pred overflows the compute dtype past max * (1 + u) (the rounding boundary); the
         # ratio carries the relative error of both softmaxes (band), so near the boundary either is right
         boundary = cmax * (1.0 + dtype_info(compute).unit_roundoff)
@@ -151,9 +163,9 @@ class KerasKlDivergence(ApiSpec):
                 div = 1 if r == "sum" else nrows
                 tol, gap = float(bud.total()) / div, float(np.sum(gap_rows)) / div
             out[red] = Expectation(
-                value=oracle.keras_kl_divergence(ex.p, ex.q, reduction=r, epsilon=eps, compute_max=cmax_eff),
+                value=keras_formula.keras_kl_divergence(ex.p, ex.q, reduction=r, epsilon=eps, compute_max=cmax_eff),
                 tolerance=tol,
-                exact=oracle.keras_reduce(ex.rows, r),
+                exact=keras_formula.keras_reduce(ex.rows, r),
                 gap_bound=gap,
                 dtype=compute,
                 must_warn=None,
@@ -164,12 +176,12 @@ class KerasKlDivergence(ApiSpec):
     def known_differences(self, api: Api, ex: Exact, compute: str) -> list[str]:
         found = []
         if compute == "float16":
-            eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+            eps = float(round_to(np.asarray(keras_formula.KERAS_EPSILON), compute))
             with np.errstate(invalid="ignore"):
                 ratio = np.clip(ex.p, eps, 1.0) / np.clip(ex.q, eps, 1.0)
             if np.any(ratio * 1.5 > dtype_info(compute).max):  # overflowing, or within the rounding band
                 found.append("keras.float16_ratio_overflow")
-        if np.any((ex.p < oracle.KERAS_EPSILON) | (ex.q < oracle.KERAS_EPSILON)):
+        if np.any((ex.p < keras_formula.KERAS_EPSILON) | (ex.q < keras_formula.KERAS_EPSILON)):
             found.append("keras.clip_epsilon")
         return found
 
@@ -177,11 +189,11 @@ class KerasKlDivergence(ApiSpec):
         return True
 
     def reduce(self, pointwise: F64, reduction: str) -> F64:
-        return oracle.keras_reduce(pointwise, reduction)
+        return keras_formula.keras_reduce(pointwise, reduction)
 
     def grad_model(self, api: Api, ex: Exact, first: GradOutput, dtype: str, compute: str,
                    framework: str) -> GradModel:  # fmt: skip
-        eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+        eps = float(round_to(np.asarray(keras_formula.KERAS_EPSILON), compute))
         seen_t, seen_q = widen(round_to(first.seen_target, compute)), widen(round_to(first.seen_input, compute))
         mt, mp = clip_passes(seen_t, eps), clip_passes(seen_q, eps)
         g_s, g_t = keras_grads(ex.p, ex.q, ex.temperature, epsilon=eps, mask_true=mt, mask_pred=mp)
@@ -227,13 +239,13 @@ class KerasKlDivergence(ApiSpec):
 
     def golden_expected(self, g: Golden, ex: Exact, api: Api, fw: str, compute: str) -> GoldenExpected:
         """Golden rows where clipping and float16 overflow are inactive, the clipped formula elsewhere."""
-        eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), compute))
+        eps = float(round_to(np.asarray(keras_formula.KERAS_EPSILON), compute))
         cmax = dtype_info(compute).max
         pt, qt = np.clip(ex.p, eps, 1.0), np.clip(ex.q, eps, 1.0)
         with np.errstate(invalid="ignore"):
             overflow = (pt / qt > cmax).any(axis=-1)
         clipped = ((ex.p < eps) | (ex.q < eps)).any(axis=-1) | overflow
-        formula = oracle.keras_kl_divergence(ex.p, ex.q, reduction="none", epsilon=eps, compute_max=cmax)
+        formula = keras_formula.keras_kl_divergence(ex.p, ex.q, reduction="none", epsilon=eps, compute_max=cmax)
         rows = np.where(clipped & ~np.isnan(g.kl), formula, g.kl)
         bud = budget(framework=fw, input_dtype=g.dtype, compute_dtype=compute, p=pt, q=qt,
                                 zt=ex.zt, zs=ex.zs, student_is_probability=True)  # fmt: skip
@@ -243,7 +255,7 @@ class KerasKlDivergence(ApiSpec):
             sel = clipped & np.isfinite(g.kl) & ~overflow
             with np.errstate(invalid="ignore"):
                 gap = np.abs(formula - g.kl)[sel]
-            bound = oracle.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)[sel]
+            bound = keras_formula.keras_clip_gap_bound(ex.p, ex.q, epsilon=eps)[sel]
             over = ~(gap <= bound + bud.rows()[sel])  # NaN counts as over
             if over.any():
                 problems.append(f"the clipped formula is {float(np.max(gap[over])):.3g} from the golden, "

@@ -1,5 +1,5 @@
 """Pinned facts of Keras's ``KLDivergence`` / ``kl_divergence``: each a behaviour a distillation user
-relies on, re-measured on every run (see ``klparity.pinned``).
+relies on, re-measured on every run (see ``klparity.engine.pinned``).
 """
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from klparity import oracle
-from klparity.cases import Case
-from klparity.dtypes import round_to
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.keras_adapter import KerasAdapter
-from klparity.pinned import (
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.apis.pinning import (
     HOT,
     IDENTICAL,
     MASKED,
@@ -26,14 +22,19 @@ from klparity.pinned import (
     STUDENT_MASKED,
     THREE_D,
     WIDE,
-    Measured,
     fact,
     kind,
     logits_in,
     to_np,
     which,
-)  # fmt: skip
-from klparity.tolerances import same_sum
+)
+from klparity.frameworks import REGISTRY
+from klparity.frameworks.keras_adapter import KerasAdapter
+from klparity.model import Measured
+from klparity.numerics import oracle
+from klparity.numerics.cases import Case
+from klparity.numerics.dtypes import round_to
+from klparity.numerics.errormodel import same_sum
 
 
 def _tf() -> tuple[ModuleType, ModuleType]:
@@ -141,7 +142,7 @@ def _keras_f64() -> Measured:
 def _keras_epsilon() -> Measured:
     _, keras = _tf()
     eps = float(keras.config.epsilon())
-    return Measured(eps, f"epsilon() = {eps!r}, oracle.KERAS_EPSILON = {oracle.KERAS_EPSILON!r}")
+    return Measured(eps, f"epsilon() = {eps!r}, keras_formula.KERAS_EPSILON = {keras_formula.KERAS_EPSILON!r}")
 
 
 @fact(
@@ -298,7 +299,7 @@ def _keras_clip_grad() -> Measured:
             tape.watch(yp)
             loss = keras.losses.kl_divergence(yt, yp)
         g, q = to_np(tape.gradient(loss, yp)), to_np(yp)
-    eps = float(round_to(np.asarray(oracle.KERAS_EPSILON), "float32"))
+    eps = float(round_to(np.asarray(keras_formula.KERAS_EPSILON), "float32"))
     below = q < eps
     value = {"below eps": "exactly 0" if np.all(g[below] == 0) else "nonzero",
              "at or above eps": "nonzero" if np.all(g[~below] != 0) else "some 0"}  # fmt: skip

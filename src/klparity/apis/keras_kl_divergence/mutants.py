@@ -1,5 +1,5 @@
 """Mutants of Keras's ``kl_divergence`` and its loss reduction: clipping changes, drift, NaN handling and
-reduction bugs, each injected by patching Keras (see ``klparity.mutants``).
+reduction bugs, each injected by patching Keras (see ``klparity.engine.mutants``).
 """
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from klparity.mutants import Mutant, Patch, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant, Patch
 
 _KERAS_FN = (("keras.src.losses.losses", "kl_divergence"), ("keras.losses", "kl_divergence"))
 _KERAS_REDUCE = (("keras.src.losses.loss", "reduce_values"),)

@@ -3,7 +3,7 @@ sides, the student first, ``sum(exp(targets) * (targets - inputs), axis)`` = KL(
 reductions ``none`` (one value per row, the default), ``mean`` (``mx.mean`` over the rows: ÷ B for (B, C),
 ÷ B·S for (B, S, C); the sum is rounded to the result dtype first) and ``sum``. In exact arithmetic, special
 values included, this is torch's ``kl_div(..., log_target=True)`` pointwise formula summed per row, so
-``oracle.torch_pointwise`` with ``log_target`` models it: NaN on a class whose teacher log-probability is
+``torch_formula.torch_pointwise`` with ``log_target`` models it: NaN on a class whose teacher log-probability is
 -inf (0 · (−inf)), +inf where only the student is -inf, NaN propagating. Its documented differences, pinned
 facts (``facts``) and mutants (``mutants``).
 """
@@ -17,21 +17,14 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.apis.base import (
-    ApiSpec,
-    Expectation,
-    GoldenExpected,
-    log_space_golden,
-    overflow_masks,
-    underflow_meets_student_inf,
-)
-from klparity.frameworks.base import Api
-from klparity.tolerances import Budget, budget
+from klparity.apis.base import ApiSpec, log_space_golden, overflow_masks, underflow_meets_student_inf
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.model import Api, Expectation, GoldenExpected
+from klparity.numerics.errormodel import Budget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
-    from klparity.goldens import Golden
+    from klparity.model import Exact
+    from klparity.numerics.goldens import Golden
 
 F64 = NDArray[np.float64]
 
@@ -48,7 +41,7 @@ def rows_of(ex: Exact, dtype: str) -> tuple[F64, NDArray[np.bool_]]:
     the student is -inf made 0, so that 0 · inf = NaN there), and the rows where NaN is allowed too (such
     an underflow within rounding error)."""
     flushed, maybe = underflow_meets_student_inf(ex, dtype, flushes=mlx_exp_flushes(dtype))
-    pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
+    pointwise = torch_formula.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
     with np.errstate(invalid="ignore", over="ignore"):
         rows = np.sum(pointwise, axis=-1)
     return np.asarray(rows, np.float64), np.asarray(maybe.any(axis=-1))

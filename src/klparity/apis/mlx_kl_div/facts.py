@@ -1,5 +1,5 @@
 """Pinned facts of MLX's ``mlx.nn.losses.kl_div_loss`` and of the MLX behaviours its spec and adapter rely on
-(see ``klparity.pinned``): the argument order, default and 'mean' divisor; float64 arrays silently made
+(see ``klparity.engine.pinned``): the argument order, default and 'mean' divisor; float64 arrays silently made
 float32; float64 ``exp`` only float32-accurate (why the adapter claims no float64); the NaN of a masked
 teacher class; ``exp`` flushing float32 subnormals; sums added one term at a time (``SEQUENTIAL_SUMS``).
 """
@@ -11,25 +11,25 @@ from typing import Any
 
 import numpy as np
 
-from klparity import oracle
-from klparity.cases import Case
-from klparity.dtypes import dtype_info
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.mlx_adapter import MlxAdapter
-from klparity.pinned import (
+from klparity.apis.pinning import (
     MASKED,
     SMALL,
     STUDENT_MASKED,
     TEACHER_MASKED,
     THREE_D,
-    Measured,
     fact,
     kind,
     logits_in,
     recorded_warnings,
     which,
-)  # fmt: skip
-from klparity.tolerances import budget
+)
+from klparity.frameworks import REGISTRY
+from klparity.frameworks.mlx_adapter import MlxAdapter
+from klparity.model import Measured
+from klparity.numerics import oracle
+from klparity.numerics.cases import Case
+from klparity.numerics.dtypes import dtype_info
+from klparity.numerics.errormodel import budget
 
 
 def _adapter() -> MlxAdapter:

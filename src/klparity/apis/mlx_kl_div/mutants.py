@@ -1,12 +1,13 @@
 """Mutants of MLX's ``kl_div_loss``: plausible regressions of its reductions and its kernel, each injected by
-patching ``mlx.nn.losses.kl_div_loss`` (the adapter looks it up at call time; see ``klparity.mutants``).
+patching ``mlx.nn.losses.kl_div_loss`` (the adapter looks it up at call time; see ``klparity.engine.mutants``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from klparity.mutants import Mutant, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant
 
 _MLX_KL = (("mlx.nn.losses", "kl_div_loss"),)
 

@@ -12,32 +12,26 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.apis.base import (
-    ApiSpec,
-    Expectation,
-    GoldenExpected,
-    log_space_golden,
-    rel_entr_masks,
-    underflow_meets_student_inf,
-)
-from klparity.dtypes import dtype_info, round_to, widen
-from klparity.frameworks.base import Api
+from klparity.apis.base import ApiSpec, log_space_golden, rel_entr_masks, underflow_meets_student_inf
+from klparity.apis.torch_kl_div import formula as torch_formula
 from klparity.frameworks.jax_adapter import KL as OPTAX_KL
 from klparity.frameworks.jax_adapter import KL_LOG_TARGETS as OPTAX_KL_LOG_TARGETS
 from klparity.frameworks.jax_adapter import REL_ENTR as JAX_REL_ENTR
-from klparity.tolerances import Budget, budget
+from klparity.model import Api, Expectation, GoldenExpected
+from klparity.numerics import oracle
+from klparity.numerics.dtypes import dtype_info, round_to, widen
+from klparity.numerics.errormodel import Budget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
-    from klparity.goldens import Golden
+    from klparity.model import Exact
+    from klparity.numerics.goldens import Golden
 
 F64 = NDArray[np.float64]
 
 # optax.losses.kl_divergence is p * (where(p == 0, 0, log p) - log q) and ..._with_log_targets is
 # exp(lp) * (lp - log q), summed over the last axis (optax 0.2.8, optax/losses/_classification.py).
 # In exact arithmetic, special values included (0 * -inf = NaN on a masked class, +inf where only the
-# student is -inf), these are torch's two pointwise formulas, so oracle.torch_pointwise models them
+# student is -inf), these are torch's two pointwise formulas, so torch_formula.torch_pointwise models them
 # (tests/unit/test_jax_adapter.py runs optax in float64 against it on special values).
 
 
@@ -74,6 +68,7 @@ class OptaxKl(ApiSpec):
     """optax's two KL losses and JAX's ``rel_entr``, per row: see the module docstring."""
 
     semantics = "optax"
+    conventions = "klparity.apis.optax_kl.conventions"
     differences: ClassVar[dict[str, str]] = {
         "optax.masked_class_nan": "optax.losses.kl_divergence computes targets * (where(targets == 0, 0, "
         "log(targets)) - log_predictions) = 0 * (0 - (-inf)) = NaN on a class masked with -inf in both "
@@ -142,9 +137,9 @@ def _optax_expectations(
         # teacher mass that underflows to 0 where the student is -inf: 0 * inf = NaN, as in torch
         flushed, maybe = underflow_meets_student_inf(ex, dtype, flushes=xla_flushes(dtype))
         if api.entry == OPTAX_KL:
-            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, 0.0, ex.p), log_target=False)
+            pointwise = torch_formula.torch_pointwise(ex.lq, np.where(flushed, 0.0, ex.p), log_target=False)
         else:
-            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
+            pointwise = torch_formula.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
         value = np.sum(pointwise, axis=-1)
         nan_allowed = np.asarray(maybe.any(axis=-1))
     elif rel_entr:

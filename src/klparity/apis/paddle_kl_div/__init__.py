@@ -42,13 +42,13 @@ from typing import TYPE_CHECKING, ClassVar, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, overflow_masks
-from klparity.frameworks.base import Api
-from klparity.tolerances import Budget, budget
+from klparity.apis.base import ApiSpec, overflow_masks
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.model import Api, Expectation
+from klparity.numerics.errormodel import Budget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.model import Exact
 
 F64 = NDArray[np.float64]
 B = NDArray[np.bool_]
@@ -190,7 +190,7 @@ class PaddleKlDiv(ApiSpec):
             r = self.resolve(red)
             divisor = self.divisor(r, pointwise.shape)
             out[red] = Expectation(
-                value=oracle.torch_reduce(pointwise, r),
+                value=torch_formula.torch_reduce(pointwise, r),
                 tolerance=bud.elementwise() if r == "none" else bud.total() / divisor,
                 exact=np.asarray(exact_pointwise) if r == "none" else np.asarray(total / divisor),
                 gap_bound=None,
@@ -233,7 +233,7 @@ class PaddleKlDiv(ApiSpec):
         return True
 
     def reduce(self, pointwise: F64, reduction: str) -> F64:
-        return oracle.torch_reduce(pointwise, reduction)
+        return torch_formula.torch_reduce(pointwise, reduction)
 
     def divisor(self, reduction: str, pointwise_shape: tuple[int, ...]) -> int:
         if reduction == "batchmean":

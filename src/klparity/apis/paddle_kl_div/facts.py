@@ -1,5 +1,5 @@
 """Pinned facts of Paddle's ``paddle.nn.functional.kl_div`` and the (log_)softmax that feeds it: each a
-behaviour a distillation user relies on, re-measured on every run (see ``klparity.pinned``).
+behaviour a distillation user relies on, re-measured on every run (see ``klparity.engine.pinned``).
 """
 
 from __future__ import annotations
@@ -10,12 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from klparity import oracle
 from klparity.apis.paddle_kl_div import CLIP
-from klparity.cases import Case
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.paddle_adapter import PaddleAdapter, dtype_name, to_float64
-from klparity.pinned import (
+from klparity.apis.pinning import (
     MASKED,
     NAN,
     ONE_D,
@@ -23,14 +19,18 @@ from klparity.pinned import (
     STUDENT_MASKED,
     TEACHER_MASKED,
     THREE_D,
-    Measured,
     fact,
     kind,
     logits_in,
     recorded_warnings,
     which,
-)  # fmt: skip
-from klparity.tolerances import same_sum
+)
+from klparity.frameworks import REGISTRY
+from klparity.frameworks.paddle_adapter import PaddleAdapter, dtype_name, to_float64
+from klparity.model import Measured
+from klparity.numerics import oracle
+from klparity.numerics.cases import Case
+from klparity.numerics.errormodel import same_sum
 
 
 def _paddle() -> ModuleType:

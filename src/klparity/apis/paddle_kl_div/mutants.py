@@ -1,5 +1,5 @@
 """Mutants of Paddle's ``kl_div``: plausible regressions of the kernel and its reductions, each injected by
-patching ``paddle.nn.functional.kl_div`` (see ``klparity.mutants``).
+patching ``paddle.nn.functional.kl_div`` (see ``klparity.engine.mutants``).
 """
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from klparity.mutants import Mutant, Patch, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant, Patch
 
 _PADDLE_KL = (("paddle.nn.functional", "kl_div"),)
 

@@ -1,11 +1,12 @@
-"""Pinned facts of tf_keras's ``KLDivergence`` (legacy Keras 2, see ``klparity.pinned``)."""
+"""Pinned facts of tf_keras's ``KLDivergence`` (legacy Keras 2, see ``klparity.engine.pinned``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from klparity import oracle
-from klparity.pinned import THREE_D, Measured, fact, logits_in
+from klparity.apis.keras_kl_divergence import formula as keras_formula
+from klparity.apis.pinning import THREE_D, fact, logits_in
+from klparity.model import Measured
 
 #: a float64 result equals a candidate within this relative distance (the candidates differ by S = 3)
 FLOAT64_CLOSE = 1e-12
@@ -26,7 +27,7 @@ def _float64_tokens() -> Measured:
     t, s = logits_in(THREE_D)
     p, q = (tf.nn.softmax(tf.constant(x) / THREE_D.temperature, axis=-1) for x in (t, s))
     got = tf_keras.losses.KLDivergence()(p, q)
-    rows = oracle.keras_kl_divergence(np.asarray(p), np.asarray(q), reduction="none")
+    rows = keras_formula.keras_kl_divergence(np.asarray(p), np.asarray(q), reduction="none")
     value = float(np.asarray(got))
     by_tokens, by_batch = float(np.sum(rows)) / rows.size, float(np.sum(rows)) / THREE_D.shape[0]
     divisor = f"neither (got {value!r})"

@@ -1,10 +1,11 @@
-"""Mutants of tf_keras's ``KLDivergence`` (see ``klparity.mutants``)."""
+"""Mutants of tf_keras's ``KLDivergence`` (see ``klparity.engine.mutants``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from klparity.mutants import Mutant, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant
 
 
 def _float32(orig: Any) -> Any:

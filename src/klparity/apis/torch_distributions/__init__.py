@@ -14,19 +14,13 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.apis.base import (
-    ApiSpec,
-    Expectation,
-    probability_space_differences,
-    probability_space_rows,
-    rel_entr_masks,
-)
-from klparity.dtypes import dtype_info
-from klparity.frameworks.base import Api
-from klparity.tolerances import Budget, budget
+from klparity.apis.base import ApiSpec, probability_space_differences, probability_space_rows, rel_entr_masks
+from klparity.model import Api, Expectation
+from klparity.numerics.dtypes import dtype_info
+from klparity.numerics.errormodel import Budget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.model import Exact
 
 F64 = NDArray[np.float64]
 

@@ -1,12 +1,13 @@
-"""Pinned facts of ``torch.distributions.kl_divergence`` on two ``Categorical`` (see ``klparity.pinned``)."""
+"""Pinned facts of ``torch.distributions.kl_divergence`` on two ``Categorical`` (see ``klparity.engine.pinned``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from klparity import oracle
+from klparity.apis.pinning import NAN, SMALL, fact, logits_in, recorded_warnings, to_np
 from klparity.frameworks.torch_adapter import torch_module as _torch
-from klparity.pinned import NAN, SMALL, Measured, fact, logits_in, recorded_warnings, to_np
+from klparity.model import Measured
+from klparity.numerics import oracle
 
 
 @fact(

@@ -1,10 +1,11 @@
-"""Mutants of ``torch.distributions.kl_divergence`` (see ``klparity.mutants``)."""
+"""Mutants of ``torch.distributions.kl_divergence`` (see ``klparity.engine.mutants``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from klparity.mutants import Mutant, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant
 
 
 def _reversed(orig: Any) -> Any:

@@ -1,5 +1,5 @@
 """Pinned facts of torch's ``kl_div`` / ``KLDivLoss``: each a behaviour a distillation user relies on,
-re-measured on every run (see ``klparity.pinned``).
+re-measured on every run (see ``klparity.engine.pinned``).
 """
 
 from __future__ import annotations
@@ -9,11 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from klparity import oracle
-from klparity.cases import Case
-from klparity.checks import Exact
-from klparity.frameworks.torch_adapter import torch_module as _torch
-from klparity.pinned import (
+from klparity.apis.pinning import (
     HOT,
     IDENTICAL,
     MASKED,
@@ -23,15 +19,19 @@ from klparity.pinned import (
     STUDENT_MASKED,
     TEACHER_MASKED,
     THREE_D,
-    Measured,
     fact,
     kind,
     logits_in,
     recorded_warnings,
     to_np,
     which,
-)  # fmt: skip
-from klparity.tolerances import budget
+)
+from klparity.frameworks.torch_adapter import torch_module as _torch
+from klparity.model import Measured
+from klparity.numerics import oracle
+from klparity.numerics.cases import Case
+from klparity.numerics.errormodel import budget
+from klparity.numerics.exact import exact_of
 
 
 def _torch_inputs(case: Case, dtype: str = "float64") -> tuple[Any, Any, Any]:
@@ -216,7 +216,7 @@ def _torch_identical() -> Measured:
     rows = np.sum(pw, axis=-1)  # float64 sum of torch's float32 terms
     torch_rows = to_np(torch.nn.functional.kl_div(x, p, reduction="none").sum(dim=-1))
     kind = "all exactly 0" if np.all(torch_rows == 0) and np.all(pw == 0) else "not all exactly 0"
-    ex = Exact.of(*logits_in(IDENTICAL, "float32"), IDENTICAL.temperature)
+    ex = exact_of(*logits_in(IDENTICAL, "float32"), IDENTICAL.temperature)
     bound = budget(framework="torch", input_dtype="float32", compute_dtype="float32", p=ex.p, q=ex.q, zt=ex.zt,
                    zs=ex.zs, student_is_probability=False, log_p=ex.lp, log_q=ex.lq).rows()  # fmt: skip
     lt = float(torch.nn.functional.kl_div(x, lp, reduction="sum", log_target=True))

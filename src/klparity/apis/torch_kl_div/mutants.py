@@ -1,5 +1,5 @@
 """Mutants of torch's ``kl_div``: plausible regressions of the kernel, its reductions and its backward,
-each injected by patching ``torch.nn.functional.kl_div`` (see ``klparity.mutants``).
+each injected by patching ``torch.nn.functional.kl_div`` (see ``klparity.engine.mutants``).
 """
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from klparity.mutants import Mutant, Patch, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant, Patch
 
 _TORCH_KL = (("torch.nn.functional", "kl_div"),)
 

@@ -14,19 +14,18 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
 from klparity.apis.base import (
     ApiSpec,
-    Expectation,
     probability_space_differences,
     probability_space_rows,
     underflow_meets_student_inf,
 )
-from klparity.frameworks.base import Api
-from klparity.tolerances import Budget, budget
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.model import Api, Expectation
+from klparity.numerics.errormodel import Budget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.model import Exact
 
 F64 = NDArray[np.float64]
 
@@ -62,7 +61,7 @@ class TorchmetricsKl(ApiSpec):
         nan_rows: NDArray[np.bool_] | None = None
         if log_prob:
             flushed, maybe = underflow_meets_student_inf(ex, compute)
-            pointwise = oracle.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
+            pointwise = torch_formula.torch_pointwise(ex.lq, np.where(flushed, -np.inf, ex.lp), log_target=True)
             rows = np.asarray(np.sum(pointwise, axis=-1), np.float64)
             nan_rows = np.asarray(maybe.any(axis=-1))
         else:

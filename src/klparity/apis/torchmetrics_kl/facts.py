@@ -1,10 +1,11 @@
-"""Pinned facts of torchmetrics' ``kl_divergence`` (see ``klparity.pinned``)."""
+"""Pinned facts of torchmetrics' ``kl_divergence`` (see ``klparity.engine.pinned``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from klparity.pinned import TEACHER_MASKED, THREE_D, Measured, fact, logits_in, to_np
+from klparity.apis.pinning import TEACHER_MASKED, THREE_D, fact, logits_in, to_np
+from klparity.model import Measured
 
 
 @fact(

@@ -10,36 +10,28 @@ element (÷ C too); ``sum``; ``none`` elementwise.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.apis.base import ApiSpec, Expectation, GradModel, underflow_meets_student_inf
+from klparity.apis.base import ApiSpec, GradModel, underflow_meets_student_inf
 from klparity.apis.torch_kl_div import TorchKlDiv
-from klparity.frameworks.base import Api, GradOutput
-from klparity.tolerances import Budget, GradBudget, budget
+from klparity.apis.torch_kl_div import formula as torch_formula
+from klparity.apis.trl_gkd.call import call, call_grad, valid_rows
+from klparity.model import Api, Expectation, GradOutput
+from klparity.numerics import oracle
+from klparity.numerics.errormodel import Budget, GradBudget, budget
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.model import Exact
 
 F64 = NDArray[np.float64]
 
 ENTRY = "trl.experimental.gkd.GKDTrainer.generalized_jsd_loss"
 #: the labels a cell passes: none, or every token valid but the last row of the flattened row grid
 LABELS = ("none", "last-ignored")
-
-
-def valid_rows(shape: tuple[int, ...], labels: object) -> NDArray[np.bool_]:
-    """Which rows of the flattened (rows, C) grid the labels keep (the adapter builds the labels alike)."""
-    rows = max(math.prod(shape[:-1]), 1)
-    valid = np.ones(rows, dtype=bool)
-    if labels == "last-ignored" and rows > 1:
-        valid[-1] = False
-    return valid
 
 
 def _swapped(ex: Exact) -> Exact:
@@ -85,6 +77,7 @@ class TrlGkd(ApiSpec):
     none_is_elementwise = True
     facts = "klparity.apis.trl_gkd.facts"
     mutants = "klparity.apis.trl_gkd.mutants"
+    conventions = "klparity.apis.trl_gkd.conventions"
     differences: ClassVar[dict[str, str]] = {
         "trl.masked_class_nan": "generalized_jsd_loss computes F.kl_div(..., log_target=True) = exp(t) · (t − x) "
         "with no masking: a class with a −inf logit (a masked vocabulary) gives 0 · (−inf) = NaN (beta 0: on a "
@@ -93,6 +86,16 @@ class TrlGkd(ApiSpec):
         "tested dtype on a class where the other side is −inf gives 0 · inf = NaN; the exact KL is +inf",
     }
 
+    def entries(self, framework: str, dtype: str) -> tuple[Api, ...]:
+        """Four calls on torch: beta 0, 1 and an asymmetric 0.5 without labels, beta 0 with the last row ignored."""
+        if framework != "torch":
+            return ()
+        return tuple(
+            Api("torch", ENTRY, "trl_gkd", ("batchmean", "sum", "mean", "none", "default"),
+                (("beta", beta), ("labels", labels)), requires=("trl", "trl"), call=call, call_grad=call_grad)
+            for beta, labels in ((0.0, "none"), (1.0, "none"), (0.5, "none"), (0.0, "last-ignored"))
+        )  # fmt: skip
+
     def _terms(self, api: Api, ex: Exact, dtype: str, compute: str,
                framework: str) -> tuple[F64, F64, Budget, NDArray[np.bool_]]:  # fmt: skip
         """(elementwise value, elementwise exact value, budget, entries where NaN is accepted too)."""
@@ -100,13 +103,14 @@ class TrlGkd(ApiSpec):
         if beta in (0.0, 1.0):
             side = ex if beta == 0.0 else _swapped(ex)
             flushed, maybe = underflow_meets_student_inf(side, compute)
-            value = oracle.torch_pointwise(side.lq, np.where(flushed, -np.inf, side.lp), log_target=True)
+            value = torch_formula.torch_pointwise(side.lq, np.where(flushed, -np.inf, side.lp), log_target=True)
             exact = _exact_terms(side.lp, side.p, side.lq)
             bud = _budget(side, framework, dtype, compute)
             nan_ok = maybe
         else:
             lm = oracle.log_mixture(ex.lp, ex.lq, beta)
-            value = beta * oracle.torch_pointwise(lm, ex.lp, log_target=True) + (1.0 - beta) * oracle.torch_pointwise(
+            pointwise = torch_formula.torch_pointwise
+            value = beta * pointwise(lm, ex.lp, log_target=True) + (1.0 - beta) * pointwise(
                 lm, ex.lq, log_target=True)  # fmt: skip
             exact = beta * _exact_terms(ex.lp, ex.p, lm) + (1.0 - beta) * _exact_terms(ex.lq, ex.q, lm)
             fwd, rev = _budget(ex, framework, dtype, compute), _budget(_swapped(ex), framework, dtype, compute)

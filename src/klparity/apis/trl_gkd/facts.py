@@ -1,4 +1,4 @@
-"""Pinned facts of TRL's ``GKDTrainer.generalized_jsd_loss`` (see ``klparity.pinned``)."""
+"""Pinned facts of TRL's ``GKDTrainer.generalized_jsd_loss`` (see ``klparity.engine.pinned``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from klparity import oracle
-from klparity.cases import Case
+from klparity.apis.pinning import THREE_D, fact, logits_in
 from klparity.frameworks.torch_adapter import torch_module as _torch
-from klparity.pinned import THREE_D, Measured, fact, logits_in
+from klparity.model import Measured
+from klparity.numerics import oracle
+from klparity.numerics.cases import Case
 
 HOT = Case("gauss", (2, 3, 10), 2.0, 3.0)
 #: a float64 result equals a candidate to within this relative distance; the candidates differ by a

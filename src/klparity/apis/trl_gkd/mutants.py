@@ -1,10 +1,11 @@
-"""Mutants of TRL's ``GKDTrainer.generalized_jsd_loss`` (see ``klparity.mutants``)."""
+"""Mutants of TRL's ``GKDTrainer.generalized_jsd_loss`` (see ``klparity.engine.mutants``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from klparity.mutants import Mutant, register
+from klparity.apis.mutation import register
+from klparity.model import Mutant
 
 
 def _beta_flipped(orig: Any) -> Any:

@@ -12,39 +12,13 @@ mutants live with their API's spec (``klparity.apis.<api>.mutants``); this modul
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from klparity import apis
+from klparity.apis.mutation import MUTANTS
+from klparity.model import Mutant
 
-Patch = Callable[[Any], Any]  # receives the original function, returns the replacement
-
-
-@dataclass(frozen=True)
-class Mutant:
-    """One injected regression: where it is patched and the real bug it imitates."""
-
-    name: str
-    framework: str
-    description: str
-    targets: tuple[tuple[str, str], ...]  #: (module, attribute) pairs replaced by ``wrap(original)``
-    wrap: Patch
-
-
-#: every spec's mutants, in registry order (``register``, called by ``klparity.apis.<api>.mutants``)
-MUTANTS: list[Mutant] = []
 _ACTIVE: list[tuple[Any, str, Any]] = []
-
-
-def register(*mutants: Mutant) -> None:
-    """Add mutants to the catalogue (each name once)."""
-    known = {m.name for m in MUTANTS}
-    for m in mutants:
-        if m.name in known:
-            raise ValueError(f"mutant {m.name!r} registered twice")
-        known.add(m.name)
-        MUTANTS.append(m)
 
 
 def install(mutant: Mutant) -> None:

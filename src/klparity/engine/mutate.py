@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from klparity.frameworks.base import installed
-from klparity.mutants import MUTANTS, Mutant
+from klparity.apis.mutation import MUTANTS
+from klparity.model import Mutant, installed
 
 _FAILED = re.compile(r"^FAILED (\S+)", re.MULTILINE)
 _PROBLEM = re.compile(r"^\s+- (.+)$", re.MULTILINE)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from klparity.report import SCHEMA
-from klparity.tolerances import HEADROOM_IGNORE_BELOW, HEADROOM_SHRINK_FACTOR
+from klparity.engine.report import SCHEMA
+from klparity.numerics.errormodel import HEADROOM_IGNORE_BELOW, HEADROOM_SHRINK_FACTOR
 
 RowKey = tuple[str, str, str, str]
 _ROW_KEYS = ("framework", "api", "dtype", "device")

@@ -13,7 +13,7 @@ exact values and rounded to float64 once:
 
 The arrays live in ``fixtures/goldens.npz`` (written without timestamps, so regenerating gives the
 same bytes) and are described by ``fixtures/goldens.json`` (a readable manifest with the npz's
-sha256). Run ``python -m klparity.goldens regenerate`` to rewrite both, ``... check`` to verify.
+sha256). Run ``python -m klparity.numerics.goldens regenerate`` to rewrite both, ``... check`` to verify.
 
 Input values come from PCG64's raw 64-bit stream (fixed across NumPy versions) turned into numbers
 with IEEE additions and multiplications only (no libm), so regeneration is bit-for-bit everywhere.
@@ -40,7 +40,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
+from klparity.numerics.dtypes import DTYPE_NAMES, dtype_info, round_to, widen
 
 #: Suffix of the API id of every result judged against the goldens.
 TAG: Final = " vs goldens"
@@ -427,7 +427,7 @@ def encode(goldens: Sequence[Golden]) -> tuple[bytes, bytes]:
         "schema": SCHEMA,
         "generator_version": GENERATOR_VERSION,
         "mpmath_dps": MP_DPS,
-        "regenerate": "python -m klparity.goldens regenerate",
+        "regenerate": "python -m klparity.numerics.goldens regenerate",
         "reference": "kl: per-row KL(softmax(teacher/T) || softmax(student/T)) over the last axis; "
         "grad: (softmax(student/T) - softmax(teacher/T)) / T, the gradient of the row's KL w.r.t. the "
         f"student logits; kl_sum: the sum of all rows. Computed with mpmath at {MP_DPS} digits from "
@@ -479,7 +479,7 @@ def locate(rootpath: Path | None = None) -> Path | None:
     if env:
         return Path(env) if (Path(env) / MANIFEST_NAME).is_file() else None
     candidates = [rootpath / "fixtures"] if rootpath is not None else []
-    candidates.append(Path(__file__).resolve().parents[2] / "fixtures")
+    candidates.append(Path(__file__).resolve().parents[3] / "fixtures")
     return next((c for c in candidates if (c / MANIFEST_NAME).is_file()), None)
 
 
@@ -583,7 +583,7 @@ def same(a: Golden, b: Golden) -> list[str]:
 
 
 def _repo_fixtures() -> Path | None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     return root / "fixtures" if (root / "pyproject.toml").is_file() else None
 
 
@@ -650,8 +650,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m klparity.goldens {regenerate,check}``."""
-    parser = argparse.ArgumentParser(prog="python -m klparity.goldens", description=__doc__.split("\n")[0])
+    """``python -m klparity.numerics.goldens {regenerate,check}``."""
+    parser = argparse.ArgumentParser(prog="python -m klparity.numerics.goldens", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

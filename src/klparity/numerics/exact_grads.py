@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import oracle
-from klparity.dtypes import round_to, widen
+from klparity.numerics import oracle
+from klparity.numerics.dtypes import round_to, widen
 
 if TYPE_CHECKING:
-    from klparity.checks import Exact
+    from klparity.model import Exact
 
 F64 = NDArray[np.float64]
 

@@ -18,7 +18,7 @@ forward checks, each gradient is judged twice: against the API's formula within 
 ``tolerances.grad_budget``, then the formula against the exact gradient, where every difference must
 be one of ``GRAD_DIFFERENCES`` (its size is recorded).
 
-Repro of one cell: ``python -m klparity.gradients --framework ... --api ... --case ...`` (see ``main``).
+Repro of one cell: ``python -m klparity.engine.gradients --framework ... --api ... --case ...`` (see ``main``).
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import apis, grid
+from klparity import apis
 from klparity.apis.base import GradModel
-from klparity.cases import case_by_id
-from klparity.checks import Cell, CheckResult, case_exact, compare, rounded
-from klparity.dtypes import DTYPE_NAMES
+from klparity.engine import grid
+from klparity.engine.forward import Cell
+from klparity.engine.judge import compare
 from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, Adapter
-from klparity.frameworks.base import GradOutput
-from klparity.tolerances import same_sum
+from klparity.model import CheckResult, GradOutput
+from klparity.numerics.cases import case_by_id
+from klparity.numerics.dtypes import DTYPE_NAMES
+from klparity.numerics.errormodel import same_sum
+from klparity.numerics.exact import case_exact, rounded
 
 F64 = NDArray[np.float64]
 
@@ -76,7 +79,7 @@ def grad_cells(sel: grid.Selection) -> list[Cell]:
 def grad_repro(cell: Cell, shift: int) -> str:
     """One-line command reproducing a gradient cell outside pytest."""
     return (
-        f"python -m klparity.gradients --framework {cell.framework} --api '{cell.api.id}' --case "
+        f"python -m klparity.engine.gradients --framework {cell.framework} --api '{cell.api.id}' --case "
         f"{cell.case.id} --dtype {cell.dtype} --device {cell.device} --layout {cell.layout} --seed {shift}"
     )
 
@@ -119,7 +122,7 @@ def run_grad_cell(adapter: Adapter, cell: Cell, shift: int = 0,
     t_r, s_r = rounded(case, shift, dtype)
     ex = case_exact(case, shift, dtype)
     compute = adapter.compute_dtype(api, dtype)
-    outputs = (call or adapter.run_grad)(api, t_r, s_r, case.temperature, cell.device, cell.layout)
+    outputs = (call or adapter.call_grad)(api, t_r, s_r, case.temperature, cell.device, cell.layout)
     first = outputs[api.reductions[0]]
     api_spec = apis.spec(api)
     model: GradModel = api_spec.grad_model(api, ex, first, dtype, compute, cell.framework)
@@ -182,10 +185,10 @@ def grad_failure_message(cell: Cell, shift: int, results: list[CheckResult]) -> 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one gradient cell and print its verdict; exit status 1 if any check failed, 2 on bad input."""
-    ap = argparse.ArgumentParser(prog="python -m klparity.gradients", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m klparity.engine.gradients", description=main.__doc__)
     ap.add_argument("--framework", required=True, choices=sorted(REGISTRY))
     ap.add_argument(
-        "--api", required=True, help="API id as printed, e.g. 'torch.nn.functional.kl_div(log_target=True)'"
+        "--api", required=True, help="API id as printed in a failure message or the report"
     )
     ap.add_argument("--case", required=True)
     ap.add_argument("--dtype", required=True, choices=DTYPE_NAMES)
@@ -194,16 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     adapter = REGISTRY[args.framework]
-    apis = {a.id: a for a in adapter.apis(args.dtype)} if adapter.available() else {}
-    if args.api not in apis:
-        print(f"unknown API {args.api!r} for {args.framework} {args.dtype}; known: {', '.join(apis)}", file=sys.stderr)
+    known = {a.id: a for a in apis.entries(adapter.name, args.dtype)} if adapter.available() else {}
+    if args.api not in known:
+        print(f"unknown API {args.api!r} for {args.framework} {args.dtype}; known: {', '.join(known)}", file=sys.stderr)
         return 2
     try:
         case = case_by_id(args.case)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    cell = Cell(args.framework, apis[args.api], case, args.dtype, args.device, args.layout)
+    cell = Cell(args.framework, known[args.api], case, args.dtype, args.device, args.layout)
     reason = grid.skip_reason(cell, args.seed)
     if reason:
         print(f"skipped: {reason}")

@@ -12,10 +12,12 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from klparity.cases import Case, cases
-from klparity.checks import Cell, case_overflow
-from klparity.dtypes import DTYPE_NAMES
+from klparity import apis
+from klparity.engine.forward import Cell
 from klparity.frameworks import DEVICES, REGISTRY, Adapter
+from klparity.numerics.cases import Case, cases
+from klparity.numerics.dtypes import DTYPE_NAMES
+from klparity.numerics.exact import case_overflow
 
 #: Non-contiguous layouts run for these dtypes in the quick tier (all dtypes in the full tier).
 QUICK_LAYOUT_DTYPES = ("float32",)
@@ -86,7 +88,7 @@ def cells(sel: Selection) -> list[Cell]:
     for fw in sel.frameworks:
         adapter = REGISTRY[fw]
         for dtype in (d for d in sel.dtypes if d in adapter.dtypes):
-            for api in adapter.apis(dtype):
+            for api in apis.entries(adapter.name, dtype):
                 for case in cases(sel.tier):
                     for device in sel.devices:
                         for layout in _layouts(adapter, case, dtype, sel.tier):

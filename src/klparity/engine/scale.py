@@ -10,11 +10,11 @@ elements, 1 GiB per float32 array. Nothing here may hold a float64 copy of an in
 * **the framework** gets those arrays without a copy (torch shares their memory; bfloat16 through an
   int16 view) and does what the adapters do: softmax / log_softmax of logits / T, then the loss, for
   the reductions checked (each adapter's ``run`` would widen its inputs to float64 first);
-* **the reference** is computed per row block with the very functions ``checks.run_cell`` uses
-  (``checks.Exact.of``, ``tolerances.budget``, the per-semantics expectation functions, evaluated
+* **the reference** is computed per row block with the very functions ``forward.run_cell`` uses
+  (``exact.exact_of``, ``tolerances.budget``, the per-semantics expectation functions, evaluated
   for ``reduction='sum'`` on the block), and the blocks' sums are combined exactly (``math.fsum``);
   the tolerance of the total comes from ``BudgetTotal``, which charges the summation of all N
-  elements (see its docstring). Results are judged with ``checks.compare`` into ``CheckResult``s.
+  elements (see its docstring). Results are judged with ``judge_mod.compare`` into ``CheckResult``s.
 
 Before a cell runs, its peak memory is estimated and compared with ``MemAvailable``; cells run one
 at a time per machine (a file lock), so xdist workers or two developers cannot stack them.
@@ -40,15 +40,16 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity import apis, checks, grid
-from klparity.apis import RESULT_OVERFLOW
-from klparity.apis.base import Expectation
-from klparity.cases import make_id
-from klparity.checks import CheckResult, Exact, compare
-from klparity.dtypes import dtype_info, widen
-from klparity.frameworks import REGISTRY, Api, Output
-from klparity.oracle import _oracle_threads
-from klparity.tolerances import Budget
+from klparity import apis
+from klparity.engine import grid
+from klparity.engine import judge as judge_mod
+from klparity.frameworks import REGISTRY
+from klparity.model import Api, CheckResult, Exact, Expectation, Output
+from klparity.numerics.cases import make_id
+from klparity.numerics.dtypes import dtype_info, widen
+from klparity.numerics.errormodel import Budget
+from klparity.numerics.exact import exact_of
+from klparity.numerics.oracle import _oracle_threads
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ DISABLED_REASON: Final = (
 
 @dataclass(frozen=True)
 class ScaleCase:
-    """N(0, scale²) teacher and student logits of one shape; id and seed as ``klparity.cases``."""
+    """N(0, scale²) teacher and student logits of one shape; id and seed as ``klparity.numerics.cases``."""
 
     shape: tuple[int, ...]
     temperature: float
@@ -113,7 +114,7 @@ def scale_apis() -> tuple[tuple[str, Api, tuple[str, ...]], ...]:
 
 @dataclass(frozen=True)
 class ScaleCell:
-    """One scale check: (framework, API, case, dtype, device, layout), ids as ``checks.Cell``."""
+    """One scale check: (framework, API, case, dtype, device, layout), ids as ``forward.Cell``."""
 
     framework: str
     api: Api
@@ -285,7 +286,7 @@ def divisor(api: Api, reduction: str, shape: tuple[int, ...]) -> tuple[str, int]
 
 
 def _block(ex: Exact, spec: Spec, dtype: str, budgets: dict[tuple[object, ...], Budget]) -> _Block:
-    """One block's ``'sum'`` expectation of one API, from the functions ``checks.run_cell`` uses."""
+    """One block's ``'sum'`` expectation of one API, from the functions ``forward.run_cell`` uses."""
     api = replace(spec.api, reductions=("sum",))
     api_spec = apis.spec(spec.api)
     exps, bud = api_spec.expectations_shared(api, ex, dtype, spec.compute, spec.framework, budgets)
@@ -347,7 +348,7 @@ def reference(
 
     def work(start: int) -> list[_Block]:
         tb, sb = widen(t2[start : start + step]), widen(s2[start : start + step])
-        ex = Exact.of(tb, sb, temperature)
+        ex = exact_of(tb, sb, temperature)
         budgets: dict[tuple[object, ...], Budget] = {}
         return [_block(ex, spec, dtype, budgets) for spec in specs]
 
@@ -526,7 +527,7 @@ def run_cell(
     rows: int | None = None,
     workers: int | None = None,
 ) -> ScaleRun:
-    """Run one scale cell and judge every reduction, as ``checks.run_cell`` does for the other tiers.
+    """Run one scale cell and judge every reduction, as ``forward.run_cell`` does for the other tiers.
 
     ``group``: the other cells of the run; one sweep over the data builds the references of all those
     with the same case and dtype, and later cells reuse them. ``rows``: block rows (data and reference).
@@ -566,45 +567,28 @@ def run_cell(
 
 
 def judge(cell: ScaleCell, shift: int, ref: Reference, outputs: dict[str, Output]) -> list[CheckResult]:
-    """Judge each reduction's output against its reference: the steps of ``checks.run_cell``."""
-    known = list(ref.known)
-    expected, overflowed = checks.within_result_range(ref.expected)
-    if overflowed:
-        known.append(RESULT_OVERFLOW)
-    expected = checks.accept_inf_where_allowed(expected, outputs)
-    results = []
-    for red, exp in expected.items():
-        res = CheckResult(cell.framework, cell.api.id + TAG, red, cell.dtype, cell.device, cell.layout,
-                          cell.case.id, cell.case.seed(shift), reason=ref.reason)  # fmt: skip
-        out = outputs[red]
-        compare(res, out.value, exp.value, exp.tolerance)
-        if not res.ok:
-            res.problems[-1] += checks._alternatives(out.value, exp, cell.case.shape)
-        if out.dtype != exp.dtype:
-            res.fail(f"result dtype {out.dtype}, expected {exp.dtype}")
-        warned = any(exp.must_warn in w for w in out.warnings) if exp.must_warn else False
-        if exp.must_warn and not warned:
-            res.fail(f"expected the API's warning containing {exp.must_warn!r}; none was raised")
-        if not exp.must_warn and out.warnings:
-            res.fail(f"unexpected warning: {out.warnings[0]}")
-        checks._judge_meaning(res, exp, known)
-        results.append(res)
-    return results
+    """Judge each reduction's output against its reference with the one judge (``engine.judge``)."""
+
+    def result(red: str) -> CheckResult:
+        return CheckResult(cell.framework, cell.api.id + TAG, red, cell.dtype, cell.device, cell.layout,
+                           cell.case.id, cell.case.seed(shift), reason=ref.reason)  # fmt: skip
+
+    return judge_mod.judge(ref.expected, outputs, list(ref.known), result, cell.case.shape)
 
 
 def repro(cell: ScaleCell, shift: int) -> str:
     """One-line command reproducing a scale cell outside pytest."""
-    return f"python -m klparity.scale --cell '{cell.id}' --seed {shift}"
+    return f"python -m klparity.engine.scale --cell '{cell.id}' --seed {shift}"
 
 
 def failure_message(cell: ScaleCell, shift: int, results: list[CheckResult]) -> str:
-    """The suite's failure message (``checks.failure_message``) for a scale cell, with its repro."""
-    return checks.failure_message(cell, shift, results, repro(cell, shift))
+    """The suite's failure message (``judge_mod.failure_message``) for a scale cell, with its repro."""
+    return judge_mod.failure_message(cell, shift, results, repro(cell, shift))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m klparity.scale --cell ID [--seed N]`` runs one scale cell; ``--list`` lists them."""
-    p = argparse.ArgumentParser(prog="python -m klparity.scale", description=main.__doc__)
+    """``python -m klparity.engine.scale --cell ID [--seed N]`` runs one scale cell; ``--list`` lists them."""
+    p = argparse.ArgumentParser(prog="python -m klparity.engine.scale", description=main.__doc__)
     p.add_argument("--cell", help="a scale cell id (see --list)")
     p.add_argument("--seed", type=int, default=0, help="seed shift, as --klparity-seed")
     p.add_argument("--list", action="store_true", help="list the scale cell ids")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from klparity.compare import CompareError, Report, load_report
+from klparity.engine.compare import CompareError, Report, load_report
+from klparity.engine.report import Collector, write_json
 from klparity.frameworks import REGISTRY
-from klparity.report import Collector, write_json
 
 #: Selection fields that may differ between the shards of one run (they are united).
 _UNITED = ("frameworks",)

@@ -1,4 +1,7 @@
-"""The tolerance table and the error model it is derived from. No tolerance literal lives elsewhere.
+"""The generic error model every tolerance is derived from, and its framework-independent rows.
+
+A framework's own rows (its roundings per stage, flush-to-zero, sequential sums) are its adapter's
+``ErrorProfile``, registered here by ``klparity.frameworks``; no tolerance literal lives elsewhere.
 
 Error model (forward KL from logits, as a distillation user computes it). With u the unit roundoff of
 a dtype, p = softmax(t/T) the target, q = softmax(s/T) the student, z = logits/T and m = max z:
@@ -56,7 +59,8 @@ reference's own roundings. Floors: a probability below the input
 dtype's smallest normal number carries an absolute error up to eta/2 instead (the same terms with
 eta/2 in place of ``u rho P``), every backward rounding can flush to a subnormal
 (``c_kernel eta/2 max(1, 1/T)``, the 1/T for roundings before the division by T; eta/2 becomes
-the smallest normal number N where a framework flushes subnormals to zero, ``FLUSH_TO_ZERO``), and a scale c
+the smallest normal number N where a framework flushes subnormals to zero,
+``ErrorProfile.flush_to_zero``), and a scale c
 below the compute dtype's smallest normal number (float16 'mean' over many elements) is itself
 rounded by up to eta_c/2 absolute, a relative error eta_c / (2c) of the whole gradient.
 """
@@ -71,59 +75,50 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.dtypes import DTYPES, dtype_info
+from klparity.model import ErrorProfile, Row
+from klparity.numerics.dtypes import DTYPES, dtype_info
 
 F64 = NDArray[np.float64]
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of the tolerance table: rounding counts for one (framework, dtype)."""
-
-    c_in: float  #: roundings per log-probability in the softmax stage, relative to e_j
-    c_kernel: float  #: roundings per element in the loss kernel, relative to e_j
-    accumulate: str  #: dtype the framework sums in
-    reason: str
-
-
-#: The table, keyed by (framework, input dtype). ``"*"`` is the default framework row.
-TABLE: Final[dict[tuple[str, str], Row]] = {
-    ("*", "float64"): Row(2, 3, "float64", "division, max-shift (2 per |z|, |m|) in log_softmax; "
-                          "xlogy, product, difference in kl_div"),
-    ("*", "float32"): Row(2, 3, "float32", "same operation count as float64, float32 roundoff"),
-    ("torch", "float16"): Row(2, 3, "float32", "torch CPU rounds each elementwise op to float16 but "
-                              "sums reduced-precision tensors in float32 (acc_type)"),
-    ("torch", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sums"),
-    ("tensorflow", "float16"): Row(2, 3, "float32", "softmax in float16, then KLDivergence upcasts to "
-                              "floatx() = float32 by default: kernel and sum at float32"),
-    ("tensorflow", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 softmax, float32 kernel"),
-    ("jax", "float16"): Row(2, 3, "float32", "jax.nn and the losses round each elementwise op to float16; "
-                            "jnp.sum (log-sum-exp and the class sum) upcasts float16 to float32 "
-                            "(upcast_f16_for_computation) and rounds the sum once"),
-    ("jax", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sums"),
-    ("mlx", "float16"): Row(2, 3, "float32", "MLX's CPU kernels compute each elementwise op in float32 and "
-                            "round it to float16; mx.sum and logsumexp accumulate in float32 and round once "
-                            "(measured: a float16 sum of 32000 terms comes out correctly rounded), sequentially "
-                            "(SEQUENTIAL_SUMS)"),
-    ("mlx", "bfloat16"): Row(2, 3, "float32", "as float16: bfloat16 elementwise, float32 sequential sums"),
-    # Gradient rows (``grad_budget``): c_in as in the forward rows (the same softmax stage);
-    # c_kernel counts the backward pass's roundings per element, relative to the magnitudes it
-    # combines (see the module docstring).
-    ("grad:*", "float64"): Row(2, 10, "float64", "torch backward: scale c, -target*c, exp(log q), "
-                               "times the class sum, difference, /T (6, student); log t, +1, t/t, "
-                               "-input, softmax backward (product, difference, product), /T (10, teacher)"),
-    ("grad:*", "float32"): Row(2, 10, "float32", "same operation count as float64, float32 roundoff"),
-    ("grad:torch", "float16"): Row(2, 10, "float32", "backward ops rounded to float16 on CPU, class sums "
-                                   "in float32 (acc_type)"),
-    ("grad:torch", "bfloat16"): Row(2, 10, "float32", "as float16: bfloat16 ops, float32 class sums"),
-    ("grad:tensorflow", "float64"): Row(2, 13, "float64", "Keras backward through TF ops: y_true/y_pred, "
-                                        "log, reciprocal, two products, (-y_true/y_pred)/y_pred (2), "
-                                        "product, cast, softmax backward (3), /T"),
-    ("grad:tensorflow", "float32"): Row(2, 13, "float32", "as float64, float32 roundoff"),
-    ("grad:tensorflow", "float16"): Row(2, 13, "float32", "loss backward in the compute dtype, cast to "
-                                        "float16, softmax backward in float16 with float32 sums"),
-    ("grad:tensorflow", "bfloat16"): Row(2, 13, "float32", "as float16, bfloat16 softmax backward"),
+#: The framework-independent rows, keyed by input dtype: a framework's adapter overrides them in its
+#: ``ErrorProfile`` (``klparity.frameworks``) where its kernels round or sum differently.
+DEFAULT_ROWS: Final[dict[str, Row]] = {
+    "float64": Row(2, 3, "float64", "division, max-shift (2 per |z|, |m|) in log_softmax; "
+                   "xlogy, product, difference in kl_div"),
+    "float32": Row(2, 3, "float32", "same operation count as float64, float32 roundoff"),
 }
+#: The framework-independent gradient rows (``grad_budget``): c_in as in the forward rows (the same
+#: softmax stage); c_kernel counts the backward pass's roundings per element, relative to the
+#: magnitudes it combines (see the module docstring).
+DEFAULT_GRAD_ROWS: Final[dict[str, Row]] = {
+    "float64": Row(2, 10, "float64", "log-space backward: scale c, -target*c, exp(log q), "
+                   "times the class sum, difference, /T (6, student); log t, +1, t/t, "
+                   "-input, softmax backward (product, difference, product), /T (10, teacher)"),
+    "float32": Row(2, 10, "float32", "same operation count as float64, float32 roundoff"),
+}
+
+#: Each framework's own rows and kernel facts, registered by ``klparity.frameworks`` from its adapter.
+PROFILES: dict[str, ErrorProfile] = {}
+#: Names of the framework-independent profile: NumPy's own roundings (pairwise sums, no flushing), as
+#: the float64 references and a user's NumPy loss have them.
+GENERIC: Final = ("*", "numpy")
+
+
+def register_profile(framework: str, profile: ErrorProfile) -> None:
+    """Register ``framework``'s error profile (its adapter's): the tolerance rows follow it from then on."""
+    PROFILES[framework] = profile
+
+
+def profile(framework: str) -> ErrorProfile:
+    """The registered profile of ``framework`` (``GENERIC``: the framework-independent one)."""
+    if framework in GENERIC:
+        return ErrorProfile()
+    try:
+        return PROFILES[framework]
+    except KeyError:
+        raise KeyError(f"no error profile for framework {framework!r}: adapters register theirs when "
+                       "klparity.frameworks is imported") from None  # fmt: skip
 
 #: Roundings per element of the float64 oracle (log_softmax: divide, shift, exp, log; phi-form: 2).
 ORACLE_ROUNDINGS: Final = 6.0
@@ -132,7 +127,7 @@ ORACLE_ROUNDINGS: Final = 6.0
 def table_row(framework: str, dtype: str) -> Row:
     """The row for (framework, dtype), falling back to the framework-independent row."""
     dtype_info(dtype)
-    row = TABLE.get((framework, dtype)) or TABLE.get(("*", dtype))
+    row = profile(framework).rows.get(dtype) or DEFAULT_ROWS.get(dtype)
     if row is None:
         raise KeyError(f"no tolerance row for framework {framework!r}, dtype {dtype!r}")
     return row
@@ -147,13 +142,13 @@ class Budget:
     coeff_elem: float  #: multiplies e_j for an elementwise (``'none'``) comparison
     u_sum: float  #: per-rounding cost of summation (accumulator u plus oracle u)
     reason: str
-    #: where the framework sums one term at a time (``SEQUENTIAL_SUMS``): what each element adds to the
+    #: where the framework sums one term at a time (``ErrorProfile.sequential_sums``): what each element adds to the
     #: partial sums (of the class sum and of both log-sum-exps), same shape; None for pairwise sums
     summands: F64 | None = None
 
     @property
     def sequential(self) -> bool:
-        """The framework's sums add one term at a time (``SEQUENTIAL_SUMS``)."""
+        """The framework's sums add one term at a time (``ErrorProfile.sequential_sums``)."""
         return self.summands is not None
 
     def plus(self, other: Budget) -> Budget:
@@ -244,7 +239,7 @@ def budget(
     row = table_row(framework, input_dtype)
     d_in, d_c, d_acc = dtype_info(input_dtype), dtype_info(compute_dtype), dtype_info(row.accumulate)
     u64 = DTYPES["float64"].unit_roundoff
-    sequential = (framework, input_dtype) in SEQUENTIAL_SUMS
+    sequential = input_dtype in profile(framework).sequential_sums
     with np.errstate(invalid="ignore", over="ignore"):
         mt = np.max(np.where(np.isfinite(zt), np.abs(zt), 0.0), axis=-1, keepdims=True)
         ms = np.max(np.where(np.isfinite(zs), np.abs(zs), 0.0), axis=-1, keepdims=True)
@@ -267,7 +262,7 @@ def budget(
         # framework flushes subnormals to zero. Each of the c_in + c_kernel operations on p_j or on
         # its term can round there; the error of p_j is weighted by its log-ratio like above.
         tiny = d_in.smallest_normal
-        eta = tiny if (framework, input_dtype) in FLUSH_TO_ZERO else d_in.smallest_subnormal
+        eta = tiny if input_dtype in profile(framework).flush_to_zero else d_in.smallest_subnormal
         ops = row.c_in + row.c_kernel
         sub_p = np.where(p < tiny, (1.0 + _abs_log(np.maximum(p, eta)) + lq + log_ratio) * ops * eta, 0.0)
         sub_q = np.where(student_is_probability & (q < tiny), p * (eta / np.maximum(q, eta)), 0.0)
@@ -300,34 +295,13 @@ def budget(
 # ------------------------------------------------------------------------------------ gradients
 
 
-#: (framework, dtype) pairs whose CPU kernels flush subnormal results (and inputs) to zero. Measured:
-#: TensorFlow runs with FTZ/DAZ set, so float32 softmax(0, -88) gives exactly 0 and
-#: 1e-30 * 1e-10 gives 0 (bfloat16 is computed in float32, float64 shares the SSE mode); its float16
-#: arithmetic is emulated and keeps subnormals (1e-3 * 1e-3 gives 1.01e-6). There a value below the
-#: smallest normal number N is off by up to N, not by half the smallest subnormal.
-FLUSH_TO_ZERO: Final = frozenset({("tensorflow", "float32"), ("tensorflow", "bfloat16"), ("tensorflow", "float64")})
-
-#: (framework, dtype) pairs whose CPU reductions add one term at a time, so that a sum of n terms takes
-#: n - 1 roundings, not the log2 n of a pairwise or cascade sum: the log-sum-exp of the softmax stage, the
-#: loss kernel's class sum, then the rows of a 'sum' / 'mean' (``Budget``). Measured: MLX's CPU ``mx.sum``
-#: over the last axis (Linux wheel) equals a float32 left-to-right loop bit for bit for 1000, 32000 and
-#: 128000 terms (relative error 5e-6 at 32000 where NumPy's pairwise sum errs by 3e-8), and its
-#: logsumexp over 32000 classes is off by 2.5e-5; float16 and bfloat16 accumulate the same way in float32.
-#: Paddle 3.3's CPU log_softmax (Eigen, float32 and float64) sums exp over the classes one by one (its
-#: log-sum-exp equals a left-to-right loop's to within a rounding: off by 383 u at 32000 float32 classes,
-#: 2663 u at 128000, where a pairwise sum is off by < 1 u); its softmax sums in 8 AVX lanes (float32:
-#: ceil(C / 8) + 3 roundings) or one by one (float64); paddle.mean accumulates in 8 lanes, paddle.sum in a tree.
-SEQUENTIAL_SUMS: Final = frozenset({("mlx", "float16"), ("mlx", "bfloat16"), ("mlx", "float32"),
-                                    ("paddle", "float32"), ("paddle", "float64")})  # fmt: skip
-
-
 def subnormal_error(framework: str, dtype: str) -> float:
     """Absolute error of one rounding below the smallest normal number: eta/2, or N when flushed.
 
     For float64, eta/2 itself rounds to 0 in float64, so eta stands in for it.
     """
     info = dtype_info(dtype)
-    if (framework, dtype) in FLUSH_TO_ZERO:
+    if dtype in profile(framework).flush_to_zero:
         return info.smallest_normal
     return 0.5 * info.smallest_subnormal or info.smallest_subnormal
 
@@ -335,7 +309,7 @@ def subnormal_error(framework: str, dtype: str) -> float:
 def same_sum(dtype: str, n: int, abs_sum: float) -> float:
     """Largest difference between two evaluations of one sum of n terms in ``dtype`` (then one division).
 
-    The pinned facts (``klparity.pinned``) tell which formula a framework applies by recomputing the
+    The pinned facts (``klparity.engine.pinned``) tell which formula a framework applies by recomputing the
     candidates from its own unreduced output: the framework and NumPy sum the same terms in different
     orders, at most log2(n) + 1 roundings apart (pairwise / cascade sums), plus the division: each
     rounding relative to the sum of |terms| ``abs_sum``.
@@ -345,18 +319,16 @@ def same_sum(dtype: str, n: int, abs_sum: float) -> float:
 
 def class_sum_roundings(framework: str, n: int) -> float:
     """Roundings (first order, relative to the sum of |terms|) of a backward kernel's sum over n classes:
-    the framework adapter's ``class_sum_roundings`` (its kernels' reduction structure, measured); for
-    anything else (NumPy) pairwise, log2 n + 1."""
-    from klparity.frameworks import REGISTRY  # lazily: the adapters are not needed for the forward table
-
-    adapter = REGISTRY.get(framework)
-    return adapter.class_sum_roundings(n) if adapter else math.log2(max(n, 2)) + 1.0
+    the framework's ``ErrorProfile.class_sum_roundings`` (its kernels' reduction structure, measured);
+    for anything else (NumPy) pairwise, log2 n + 1."""
+    rounds = PROFILES[framework].class_sum_roundings if framework in PROFILES else None
+    return rounds(n) if rounds is not None else math.log2(max(n, 2)) + 1.0
 
 
 def grad_table_row(framework: str, dtype: str) -> Row:
     """The gradient row for (framework, dtype): ``("grad:<framework>", dtype)``, else ``("grad:*", dtype)``."""
     dtype_info(dtype)
-    row = TABLE.get((f"grad:{framework}", dtype)) or TABLE.get(("grad:*", dtype))
+    row = profile(framework).grad_rows.get(dtype) or DEFAULT_GRAD_ROWS.get(dtype)
     if row is None:
         raise KeyError(f"no gradient tolerance row for framework {framework!r}, dtype {dtype!r}")
     return row
@@ -474,7 +446,7 @@ def grad_budget(
         first_s = pw * (et + u_k) + qq * (s_tot * es + rowsum(pw * et) + u_k * s_tot)
         # error of a value below N: eta/2 when rounded to the subnormal grid; the value itself
         # (below 2 N, see above) when the framework flushes it to zero
-        flushes = (framework, input_dtype) in FLUSH_TO_ZERO
+        flushes = input_dtype in profile(framework).flush_to_zero
         e_w, e_q = (np.where(sub, x if flushes else tiny, 0.0) for sub, x in ((sub_w, pw), (sub_q, qq)))
         floor_s = e_w + s_tot * e_q + qq * rowsum(e_w)
         # teacher: p_k (h_k - H)
@@ -519,7 +491,7 @@ def grad_budget(
 
 
 # ------------------------------------------------------------ references vs the mpmath goldens
-# The goldens (``klparity.goldens``) hold KL rows and gradients computed with mpmath at 60 digits
+# The goldens (``klparity.numerics.goldens``) hold KL rows and gradients computed with mpmath at 60 digits
 # and rounded to float64 once, so their own error is at most half an ulp: every bound below is the
 # error of the float64 or framework computation being judged, nothing else.
 
