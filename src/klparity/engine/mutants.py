@@ -15,7 +15,7 @@ import importlib
 from typing import Any
 
 from klparity import apis
-from klparity.apis.mutation import MUTANTS
+from klparity.apis.mutation import MUTANTS as MUTANTS
 from klparity.model import Mutant
 
 _ACTIVE: list[tuple[Any, str, Any]] = []

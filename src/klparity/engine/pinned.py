@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the named facts (default: all) as measured now; exit status 1 if any no longer holds."""
     from klparity.engine import pinned
 
-    facts, probe = pinned.FACTS, pinned.check
+    facts, probe = pinning.FACTS, pinned.check
     names = argv if argv is not None else sys.argv[1:]
     unknown = [n for n in names if n not in facts]
     if unknown:

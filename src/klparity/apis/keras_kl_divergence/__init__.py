@@ -110,7 +110,7 @@ class KerasKlDivergence(ApiSpec):
 
     semantics = "keras"
     default_reduction = "sum_over_batch_size"
-    facts = "klparity.apis.keras_kl_divergence.facts"
+    facts: ClassVar[str | None] = "klparity.apis.keras_kl_divergence.facts"
     mutants = "klparity.apis.keras_kl_divergence.mutants"
     conventions = "klparity.apis.keras_kl_divergence.conventions"
     differences: ClassVar[dict[str, str]] = {

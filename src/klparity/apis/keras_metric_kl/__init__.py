@@ -49,7 +49,7 @@ class KerasMetricKl(KerasKlDivergence):
 
     semantics = "keras_metric_kl"
     default_reduction = "sum_over_batch_size"
-    facts = None
+    facts: ClassVar[str | None] = None
     mutants = "klparity.apis.keras_metric_kl.mutants"
     #: Keras's, shared with the loss class (the same clip): no differences of its own
     differences: ClassVar[dict[str, str]] = {}

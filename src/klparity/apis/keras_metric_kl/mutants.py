@@ -11,7 +11,7 @@ from klparity.model import Mutant
 def _drifted_result(original: Any) -> Any:
     """The metric class with ``result()`` 1e-4 relative high: a float32 accumulation drift."""
 
-    class Drifted(original):  # type: ignore[misc, valid-type]
+    class Drifted(original):  # type: ignore[misc]
         def result(self) -> Any:
             return super().result() * (1.0 + 1e-4)
 
