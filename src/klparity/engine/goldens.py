@@ -110,14 +110,15 @@ def judge(adapter: Adapter, api: Api, g: goldens.Golden, device: str, ex: Exact 
             res.fail(problem)
         return res
 
-    return judge_outputs(expectations, seen, [], result, g.shape)
+    return judge_outputs(expectations, seen, [], result, g.shape, meaning=False)
 
 
 def judge_gradient(gg: GoldenGradient, g: goldens.Golden) -> CheckResult:
     """A record's gradient on a golden against the golden's (mpmath) gradient, with the one judge."""
     res = CheckResult(gg.framework, gg.api, gg.label, g.dtype, "cpu", "contiguous", g.id, 0)
     exp = Expectation(g.grad, gg.tolerance, g.grad, None, gg.expected_dtype, None)
-    return judge_outputs({gg.label: exp}, {gg.label: Output(gg.observed, gg.dtype)}, [], lambda _: res, g.shape)[0]
+    seen = {gg.label: Output(gg.observed, gg.dtype)}
+    return judge_outputs({gg.label: exp}, seen, [], lambda _: res, g.shape, meaning=False)[0]
 
 
 def run(cell: GoldenCell) -> list[CheckResult] | str:
