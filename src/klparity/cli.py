@@ -13,13 +13,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from klparity import apis
 from klparity.engine import compare, grid
-from klparity.engine.forward import Cell, failure_message, run_cell
+from klparity.engine.forward import failure_message, run_cell
 from klparity.engine.report import HEADER, aggregate, environment, format_rows, write_json
 from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, runs_user_losses
 from klparity.numerics import goldens
-from klparity.numerics.cases import case_by_id
 from klparity.numerics.dtypes import DTYPE_NAMES
 
 
@@ -109,14 +107,10 @@ def cmd_run_cell(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown framework {args.framework!r}; known: {', '.join(REGISTRY)}")
     if not adapter.available():
         raise UsageError(adapter.missing_reason())
-    known = {a.id: a for a in apis.entries(adapter.name, args.dtype)}
-    if args.api not in known:
-        raise UsageError(f"unknown API {args.api!r} for {args.dtype}; known: {', '.join(known)}")
     try:
-        case = case_by_id(args.case)
+        cell = grid.cell_by_ids(args.framework, args.api, args.case, args.dtype, args.device, args.layout)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    cell = Cell(args.framework, known[args.api], case, args.dtype, args.device, args.layout)
     reason = grid.skip_reason(cell, args.seed)
     if reason:
         print(f"cannot run here: {reason}")

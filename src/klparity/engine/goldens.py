@@ -35,6 +35,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from klparity import apis
+from klparity.engine.judge import failure_report
 from klparity.engine.judge import judge as judge_outputs
 from klparity.frameworks import REGISTRY, Adapter
 from klparity.model import Api, CheckResult, Exact, Expectation, GoldenExpected, GoldenGradient, Output
@@ -146,12 +147,7 @@ def run(cell: GoldenCell) -> list[CheckResult] | str:
 def message(cell: GoldenCell, results: list[CheckResult]) -> str:
     """A failure message that stands alone, with its repro."""
     g = load(cell.directory)[cell.golden]
-    bad = [r for r in results if not r.ok]
-    lines = [f"{cell.framework} on golden {g.id} (T={g.temperature:g}, shape {g.shape}, {cell.device}): "
-             f"{len(bad)} of {len(results)} checks failed against the mpmath reference"]  # fmt: skip
-    for r in bad:
-        lines.append(f"  {r.api} reduction={r.reduction}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, "
-                     f"tolerance {r.tolerance:.3g}")  # fmt: skip
-        lines += [f"    - {p}" for p in r.problems] + [f"    note: {d}" for d in r.differences]
-    lines.append(f"  repro: pytest --pyargs klparity.suite.test_goldens -k '{cell.framework}-{cell.device}-{g.id}'")
-    return "\n".join(lines)
+    what = f"{cell.framework} on golden {g.id} (T={g.temperature:g}, shape {g.shape}, {cell.device})"
+    repro = f"pytest --pyargs klparity.suite.test_goldens -k '{cell.framework}-{cell.device}-{g.id}'"
+    return failure_report(what, results, repro, counted="checks failed against the mpmath reference",
+                          label=lambda r: f"{r.api} reduction={r.reduction}", notes=True, reason=False)

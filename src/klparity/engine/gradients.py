@@ -37,10 +37,9 @@ from klparity import apis
 from klparity.apis.base import GradModel
 from klparity.engine import grid
 from klparity.engine.forward import Cell
-from klparity.engine.judge import compare
+from klparity.engine.judge import check_warnings, compare, failure_report, located
 from klparity.frameworks import DEVICES, LAYOUTS, REGISTRY, Adapter
 from klparity.model import CheckResult, GradOutput
-from klparity.numerics.cases import case_by_id
 from klparity.numerics.dtypes import DTYPE_NAMES
 from klparity.numerics.errormodel import same_sum
 from klparity.numerics.exact import case_exact, rounded
@@ -155,11 +154,7 @@ def run_grad_cell(adapter: Adapter, cell: Cell, shift: int = 0,
                 compare(res, obs, ref, tol)
             if out.dtype != dtype:
                 res.fail(f"gradient dtype {out.dtype}, expected {dtype} (the logits' dtype)")
-            must_warn = api_spec.warning(red)
-            if must_warn and not any(must_warn in w for w in out.warnings):
-                res.fail(f"expected the API's warning containing {must_warn!r}; none was raised")
-            if not must_warn and out.warnings:
-                res.fail(f"unexpected warning: {out.warnings[0]}")
+            check_warnings(res, api_spec.warning(red), out.warnings)
             relevant = [k for k in known if api_spec.grad_difference_applies(api, k, wrt)]
             _judge_meaning(res, ref, scale * exact, tol, relevant, None if bound is None else scale * bound)
             results.append(res)
@@ -168,16 +163,8 @@ def run_grad_cell(adapter: Adapter, cell: Cell, shift: int = 0,
 
 def grad_failure_message(cell: Cell, shift: int, results: list[CheckResult]) -> str:
     """A standalone message for a failed gradient cell: what, where, how far off, why, a repro."""
-    bad = [r for r in results if not r.ok]
-    lines = [f"gradients of {cell.api.id} on {cell.case.id} (seed {cell.case.seed(shift)}), {cell.dtype}, "
-             f"{cell.device}, {cell.layout}: {len(bad)} of {len(results)} checks failed"]  # fmt: skip
-    for r in bad:
-        lines.append(f"  {r.api.split(' ')[0]} reduction={r.reduction}: max abs {r.max_abs:.3g}, "
-                     f"max rel {r.max_rel:.3g}, tolerance {r.tolerance:.3g}")  # fmt: skip
-        lines += [f"    - {p}" for p in r.problems]
-    lines.append(f"  tolerance: {bad[0].reason if bad else ''}")
-    lines.append(f"  repro: {grad_repro(cell, shift)}")
-    return "\n".join(lines)
+    return failure_report(f"gradients of {located(cell, shift)}", results, grad_repro(cell, shift),
+                          counted="checks failed", label=lambda r: f"{r.api.split(' ')[0]} reduction={r.reduction}")
 
 
 # ------------------------------------------------------------------------------------- repro
@@ -197,16 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     adapter = REGISTRY[args.framework]
-    known = {a.id: a for a in apis.entries(adapter.name, args.dtype)} if adapter.available() else {}
-    if args.api not in known:
-        print(f"unknown API {args.api!r} for {args.framework} {args.dtype}; known: {', '.join(known)}", file=sys.stderr)
-        return 2
     try:
-        case = case_by_id(args.case)
+        if not adapter.available():
+            raise ValueError(adapter.missing_reason())
+        cell = grid.cell_by_ids(args.framework, args.api, args.case, args.dtype, args.device, args.layout)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
-    cell = Cell(args.framework, known[args.api], case, args.dtype, args.device, args.layout)
     reason = grid.skip_reason(cell, args.seed)
     if reason:
         print(f"skipped: {reason}")

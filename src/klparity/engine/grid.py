@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from klparity import apis
 from klparity.engine.forward import Cell
 from klparity.frameworks import DEVICES, REGISTRY, Adapter
-from klparity.numerics.cases import Case, cases
+from klparity.numerics.cases import Case, case_by_id, cases
 from klparity.numerics.dtypes import DTYPE_NAMES
 from klparity.numerics.exact import case_overflow
 
@@ -104,6 +104,15 @@ def _devices(framework: str) -> tuple[str, ...]:
     if framework not in _DEVICES:
         _DEVICES[framework] = REGISTRY[framework].devices()
     return _DEVICES[framework]
+
+
+def cell_by_ids(framework: str, api_id: str, case_id: str, dtype: str, device: str, layout: str) -> Cell:
+    """The cell a repro line names (``klparity run-cell``, ``python -m klparity.engine.gradients``); a
+    ValueError naming the known APIs or cases when an id is unknown."""
+    known = {a.id: a for a in apis.entries(framework, dtype)}
+    if api_id not in known:
+        raise ValueError(f"unknown API {api_id!r} for {framework} {dtype}; known: {', '.join(known)}")
+    return Cell(framework, known[api_id], case_by_id(case_id), dtype, device, layout)
 
 
 def skip_reason(cell: Cell, shift: int) -> str | None:

@@ -190,19 +190,42 @@ class _Located(Protocol):
     def layout(self) -> str: ...
 
 
-def failure_message(cell: _Located, shift: int, results: list[CheckResult], repro_line: str) -> str:
-    """A message that stands alone: what, where, how far off, the tolerance's reason, and ``repro_line``
-    (the one-line command that reproduces the cell)."""
+def located(cell: _Located, shift: int) -> str:
+    """Where a cell is: API, case (with its seed), dtype, device and layout."""
+    return f"{cell.api.id} on {cell.case.id} (seed {cell.case.seed(shift)}), {cell.dtype}, {cell.device}, {cell.layout}"
+
+
+def failure_report(what: str, results: list[CheckResult], repro_line: str, *, counted: str = "reductions failed",
+                   label: Callable[[CheckResult], str] = lambda r: f"reduction={r.reduction}",
+                   notes: bool = False, reason: bool = True) -> str:  # fmt: skip
+    """A message that stands alone, for any tier: how many of ``what``'s checks failed (``counted`` names
+    them), each failed check (``label``) with how far off and its problems (and its documented differences
+    where ``notes``), the tolerance's reason (where ``reason``), and ``repro_line``."""
     bad = [r for r in results if not r.ok]
-    lines = [f"{cell.api.id} on {cell.case.id} (seed {cell.case.seed(shift)}), {cell.dtype}, "
-             f"{cell.device}, {cell.layout}: {len(bad)} of {len(results)} reductions failed"]  # fmt: skip
+    lines = [f"{what}: {len(bad)} of {len(results)} {counted}"]
     for r in bad:
-        lines.append(f"  reduction={r.reduction}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, "
-                     f"tolerance {r.tolerance:.3g}")  # fmt: skip
+        lines.append(f"  {label(r)}: max abs {r.max_abs:.3g}, max rel {r.max_rel:.3g}, tolerance {r.tolerance:.3g}")
         lines += [f"    - {p}" for p in r.problems]
-    lines.append(f"  tolerance: {bad[0].reason if bad else ''}")
+        if notes:
+            lines += [f"    note: {d}" for d in r.differences]
+    if reason:
+        lines.append(f"  tolerance: {bad[0].reason if bad else ''}")
     lines.append(f"  repro: {repro_line}")
     return "\n".join(lines)
+
+
+def failure_message(cell: _Located, shift: int, results: list[CheckResult], repro_line: str) -> str:
+    """The failure message of a cell judged per reduction (forward, scale), with ``repro_line``."""
+    return failure_report(located(cell, shift), results, repro_line)
+
+
+def check_warnings(res: CheckResult, must_warn: str | None, warnings: tuple[str, ...]) -> None:
+    """The API raised the warning its record says it must (``must_warn``), and no other."""
+    if must_warn and not any(must_warn in w for w in warnings):
+        res.fail(f"expected the API's warning containing {must_warn!r}; none was raised "
+                 "(has the reduction changed meaning?)")  # fmt: skip
+    if not must_warn and warnings:
+        res.fail(f"unexpected warning: {warnings[0]}")
 
 
 def judge(
@@ -240,12 +263,7 @@ def judge(
         if out.dtype != exp.dtype:
             res.fail(f"result dtype {out.dtype}, expected {exp.dtype}"
                      + (" (computed through a lower precision?)" if exp.dtype == "float64" else ""))  # fmt: skip
-        warned = any(exp.must_warn in w for w in out.warnings) if exp.must_warn else False
-        if exp.must_warn and not warned:
-            res.fail(f"expected the API's warning containing {exp.must_warn!r}; none was raised "
-                     "(has the reduction changed meaning?)")  # fmt: skip
-        if not exp.must_warn and out.warnings:
-            res.fail(f"unexpected warning: {out.warnings[0]}")
+        check_warnings(res, exp.must_warn, out.warnings)
         if meaning:
             _judge_meaning(res, exp, known)
         results.append(res)

@@ -291,3 +291,9 @@ class KerasAdapter(Adapter):
         g = tape.gradient(out, ss)
         grad = None if g is None else np.asarray(g.numpy()).astype(np.float64)
         return np.asarray(out.numpy()).astype(np.float64), grad, out.dtype.name
+
+
+def tf_module() -> ModuleType:
+    """TensorFlow, imported through the adapter (GPU memory growth and thread settings applied before its
+    runtime starts): for probes and for the APIs their records call."""
+    return KerasAdapter()._tf()

@@ -29,8 +29,8 @@ bound scales with the size of the summands, not with |KL|, so a KL near zero is 
 For Keras, p and q are the *clipped* values. Every coefficient below is a rounding count with its
 reason; ``tightness = observed error / tolerance`` is measured by the suite and reported.
 
-Gradient error model (``grad_budget``; rows keyed ``("grad:<framework>", dtype)``, default
-``"grad:*"``). Every gradient the suite checks has, per row and class k, the form
+Gradient error model (``grad_budget``; rows: a framework's ``ErrorProfile.grad_rows``, else
+``DEFAULT_GRAD_ROWS``). Every gradient the suite checks has, per row and class k, the form
 
     d/ds_k = (c/T) (q_k S - P_k),   d/dt_k = (c/T) p_k (h_k - H),   H = sum_j p_j h_j
 
@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -105,6 +106,9 @@ PROFILES: dict[str, ErrorProfile] = {}
 GENERIC: Final = ("*", "numpy")
 
 
+_GENERIC_PROFILE: Final = ErrorProfile()
+
+
 def register_profile(framework: str, profile: ErrorProfile) -> None:
     """Register ``framework``'s error profile (its adapter's): the tolerance rows follow it from then on."""
     PROFILES[framework] = profile
@@ -113,7 +117,7 @@ def register_profile(framework: str, profile: ErrorProfile) -> None:
 def profile(framework: str) -> ErrorProfile:
     """The registered profile of ``framework`` (``GENERIC``: the framework-independent one)."""
     if framework in GENERIC:
-        return ErrorProfile()
+        return _GENERIC_PROFILE
     try:
         return PROFILES[framework]
     except KeyError:
@@ -125,11 +129,15 @@ ORACLE_ROUNDINGS: Final = 6.0
 
 
 def table_row(framework: str, dtype: str) -> Row:
-    """The row for (framework, dtype), falling back to the framework-independent row."""
+    """The row for (framework, dtype): the framework's own, else the framework-independent one."""
+    return _row(profile(framework).rows, DEFAULT_ROWS, framework, dtype, "tolerance")
+
+
+def _row(own: Mapping[str, Row], default: Mapping[str, Row], framework: str, dtype: str, what: str) -> Row:
     dtype_info(dtype)
-    row = profile(framework).rows.get(dtype) or DEFAULT_ROWS.get(dtype)
+    row = own.get(dtype) or default.get(dtype)
     if row is None:
-        raise KeyError(f"no tolerance row for framework {framework!r}, dtype {dtype!r}")
+        raise KeyError(f"no {what} row for framework {framework!r}, dtype {dtype!r}")
     return row
 
 
@@ -326,12 +334,8 @@ def class_sum_roundings(framework: str, n: int) -> float:
 
 
 def grad_table_row(framework: str, dtype: str) -> Row:
-    """The gradient row for (framework, dtype): ``("grad:<framework>", dtype)``, else ``("grad:*", dtype)``."""
-    dtype_info(dtype)
-    row = profile(framework).grad_rows.get(dtype) or DEFAULT_GRAD_ROWS.get(dtype)
-    if row is None:
-        raise KeyError(f"no gradient tolerance row for framework {framework!r}, dtype {dtype!r}")
-    return row
+    """The gradient row for (framework, dtype): the framework's own, else the framework-independent one."""
+    return _row(profile(framework).grad_rows, DEFAULT_GRAD_ROWS, framework, dtype, "gradient tolerance")
 
 
 @dataclass(frozen=True)

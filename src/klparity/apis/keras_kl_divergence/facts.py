@@ -28,8 +28,7 @@ from klparity.apis.pinning import (
     to_np,
     which,
 )
-from klparity.frameworks import REGISTRY
-from klparity.frameworks.keras_adapter import KerasAdapter
+from klparity.frameworks.keras_adapter import tf_module
 from klparity.model import Measured
 from klparity.numerics import oracle
 from klparity.numerics.cases import Case
@@ -38,9 +37,7 @@ from klparity.numerics.errormodel import same_sum
 
 
 def _tf() -> tuple[ModuleType, ModuleType]:
-    adapter = REGISTRY["tensorflow"]
-    assert isinstance(adapter, KerasAdapter)
-    tf = adapter._tf()  # memory growth and threads set before TensorFlow's runtime starts
+    tf = tf_module()  # memory growth and threads set before TensorFlow's runtime starts
     import keras
 
     return tf, keras

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from klparity.apis.base import ApiSpec, GapFigure
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
 from klparity.frameworks import Adapter
+from klparity.frameworks.keras_adapter import tf_module
 from klparity.model import Api, Output
 
 ENTRY = "keras.metrics.KLDivergence"
@@ -31,8 +32,8 @@ def call(adapter: Adapter, api: Api, teacher: NDArray[np.generic], student: NDAr
         raise ValueError("TensorFlow tensors have no user-visible memory layout")
     if not adapter.available():
         raise RuntimeError(adapter.missing_reason())
+    tf = tf_module()  # GPU memory growth and threads set before TensorFlow's runtime starts
     import keras  # the metric is looked up at call time: a patched one (a mutant) is the one called
-    import tensorflow as tf
 
     dtype = str(teacher.dtype)
     with tf.device("/GPU:0" if device == "gpu" else "/CPU:0"):
