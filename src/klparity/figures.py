@@ -60,7 +60,7 @@ FIGURES: Final = {  # file suffix -> caption
     "tightness-temperature": "Worst error / tolerance per API and temperature, one panel per dtype.",
     "error-vs-classes": "Largest relative error (reduced and per-row values; Gaussian logits at T 0.5 to 10) "
     "and worst error / tolerance (every case) against the number of classes C, per framework and dtype.",
-    **{s.gap_figure.name: s.gap_figure.caption for s in SPECS.values() if s.gap_figure is not None},
+    **{gap.name: gap.caption for gap in (s.own("gap_figure") for s in SPECS.values()) if gap is not None},
 }
 
 
@@ -335,8 +335,8 @@ def _table(header: Sequence[str], body: Iterable[Sequence[str]], fails: Iterable
 
 def gap_figures(frameworks: Sequence[str] | None = None) -> list[GapFigure]:
     """The records' gap figures, for the selected ``frameworks`` (None: every framework)."""
-    return [s.gap_figure for s in SPECS.values()
-            if s.gap_figure is not None and (frameworks is None or s.gap_figure.framework in frameworks)]  # fmt: skip
+    gaps = [gap for gap in (s.own("gap_figure") for s in SPECS.values()) if gap is not None]
+    return [gap for gap in gaps if frameworks is None or gap.framework in frameworks]
 
 
 def figures(results: Sequence[dict[str, Any]], frameworks: Sequence[str] | None = None) -> dict[str, Figure]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -191,10 +191,16 @@ class ApiSpec:
     none_is_elementwise: ClassVar[bool] = False
     #: the reduction label ``'default'`` stands for
     default_reduction: ClassVar[str] = "none"
-    #: the report's figure of how far the API's formula is from the exact KL, where it departs from it
+    #: the report's figure of how far the API's formula is from the exact KL, where it departs from it;
+    #: read from the class that declares it (``own``), so a subclass does not draw it again
     gap_figure: ClassVar[GapFigure | None] = None
     #: entry points whose gradient cells run in the full tier only
     full_tier_only_grad_entries: ClassVar[tuple[str, ...]] = ()
+
+    def own(self, name: str) -> Any:
+        """The class attribute ``name`` where this record's class declares it itself, else None (what a
+        subclass inherits, such as its parent's ``conventions`` or ``gap_figure``, is its parent's to give)."""
+        return type(self).__dict__.get(name)
 
     def entries(self, framework: str, dtype: str) -> tuple[Api, ...]:
         """The APIs this record declares and calls itself (``Api.call``) on ``framework`` for ``dtype``; the

@@ -36,7 +36,7 @@ def _records() -> tuple[Record, ...]:
     """Every record that declares its ``conventions`` (in registry order, the order of a diagnosis's words)."""
     out = []
     for spec in SPECS.values():
-        module = type(spec).__dict__.get("conventions")
+        module = spec.own("conventions")
         if module:
             c = importlib.import_module(module)
             out.append(Record(spec, c.LABEL, c.REDUCTIONS, c.WORDING, c.ROLES))

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
-from klparity.apis.base import ApiSpec, GapFigure
+from klparity.apis.base import ApiSpec
 from klparity.apis.keras_kl_divergence import KerasKlDivergence
 from klparity.frameworks import Adapter
 from klparity.frameworks.keras_adapter import tf_module
@@ -55,7 +55,6 @@ class KerasMetricKl(KerasKlDivergence):
     #: Keras's, shared with the loss class (the same clip): no differences of its own
     differences: ClassVar[dict[str, str]] = {}
     grad_differences: ClassVar[dict[str, str]] = {}
-    gap_figure: ClassVar[GapFigure | None] = None  # the loss class's figure is the metric's too
     grad_model = ApiSpec.grad_model
     golden_expected = ApiSpec.golden_expected
 
