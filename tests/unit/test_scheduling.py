@@ -14,6 +14,7 @@ import pytest
 from klparity import plugin
 from klparity.engine import grid
 from klparity.engine.report import Collector, aggregate
+from klparity.frameworks import REGISTRY
 
 
 @pytest.mark.parametrize(
@@ -83,16 +84,25 @@ def test_each_framework_runs_in_one_worker(tmp_path: Path) -> None:
     assert len(workers["free"]) == 2, workers  # ungrouped tests are not pinned to one worker
 
 
+def _an_installed_framework() -> str:
+    """The first framework of the registry installed here (these tests need one, not a given one)."""
+    name = next((n for n, a in REGISTRY.items() if a.available()), None)
+    if name is None:
+        pytest.skip("no framework installed: pip install 'klparity[torch]' (or any framework's extra)")
+    return name
+
+
 def test_gpu_cells_are_not_generated_without_a_gpu_device_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    fw = _an_installed_framework()
     monkeypatch.setattr(grid.glob, "glob", lambda pattern: [])
     monkeypatch.setattr(grid.sys, "platform", "linux")
     assert not grid.gpu_possible() and grid.default_devices() == ("cpu",)
     assert "no GPU device node" in plugin._gpu_hint()
-    skip = [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
+    skip = [m for m in plugin._cell_marks(fw, "gpu") if m.name == "skip"]
     assert skip and "no GPU device node" in skip[0].kwargs["reason"]
     monkeypatch.setattr(grid.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
     assert grid.gpu_possible() and grid.default_devices() == ("cpu", "gpu")
-    assert not [m for m in plugin._cell_marks("torch", "gpu") if m.name == "skip"]
+    assert not [m for m in plugin._cell_marks(fw, "gpu") if m.name == "skip"]
 
 
 def test_klparity_report_has_the_same_default_devices_as_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,11 +142,12 @@ def test_worker_summaries_merge_into_the_same_matrix() -> None:
 
 
 def test_the_json_report_is_the_same_with_and_without_xdist(tmp_path: Path) -> None:
+    fw = _an_installed_framework()
     reports = {}
     for workers in ("0", "2"):
         out = tmp_path / f"r{workers}.json"
         cmd = [sys.executable, "-m", "pytest", "-n", workers, "-q", "-p", "no:cacheprovider",
-               "tests/equivalence/test_forward.py", "-k", "seed_article", "--klparity-frameworks", "torch",
+               "tests/equivalence/test_forward.py", "-k", "seed_article", "--klparity-frameworks", fw,
                "--klparity-dtypes", "float64", f"--klparity-report={out}"]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         done = subprocess.run(cmd, cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=300)
